@@ -1,0 +1,159 @@
+"""The ``tuneforge`` command. Each verb is a thin call into the library.
+
+Exit codes: 0 success; 2 bad input (config, data, usage); 3 training failure; 130 interrupted.
+User errors print one clear line (no traceback); set ``TUNEFORGE_DEBUG=1`` to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tuneforge.errors import ConfigError, TuneforgeError
+
+app = typer.Typer(
+    name="tuneforge",
+    help="Pretrain and fine-tune transformer models (encoders, decoders, encoder-decoders) from one config.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="RECIPE.yaml and/or key=value overrides", show_default=False)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or chatter")]
+
+
+def _split_recipe(args: list[str] | None) -> tuple[str | None, list[str]]:
+    """The first argument without '=' is the recipe file; the rest are overrides."""
+    args = list(args or [])
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    stray = [a for a in args if "=" not in a]
+    if stray:
+        raise ConfigError(f"'{stray[0]}' is not a key=value override (a recipe file must come first)")
+    return None, args
+
+
+def _load(args: list[str] | None):
+    from tuneforge.config import load_config
+
+    recipe, overrides = _split_recipe(args)
+    return load_config(recipe, overrides)
+
+
+@app.command()
+def train(
+    args: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run in output_dir from its last checkpoint")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output_dir")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Train: tuneforge train [RECIPE.yaml] [key=value ...]"""
+    from tuneforge.pipeline import train as run_train
+
+    cfg = _load(args)
+    command = "tuneforge train " + " ".join(shlex.quote(a) for a in (args or []))
+    result = run_train(cfg, resume=resume, overwrite=overwrite, quiet=quiet, command=command)
+    ev = result.metrics.get("eval", {})
+    shown = ", ".join(f"{k}={v:.4f}" for k, v in ev.items() if "/" not in k)
+    typer.echo(f"done: {result.run_dir}  ({shown})")
+
+
+@app.command("eval")
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `tuneforge train`")],
+    data: Annotated[Path, typer.Option("--data", help="file to evaluate on (same layout as training data)")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides (e.g. data.header=false)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print a flat JSON object of metric -> value")] = False,
+    quiet: Quiet = False,
+) -> None:
+    """Evaluate a trained run on a labelled file."""
+    from tuneforge.inference import evaluate_file
+
+    metrics = evaluate_file(run_dir, data, list(overrides or []))
+    if as_json:
+        typer.echo(json.dumps(metrics))
+    else:
+        for k, v in metrics.items():
+            typer.echo(f"{k:>24}  {v:.4f}")
+
+
+@app.command()
+def predict(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `tuneforge train`")],
+    texts: Annotated[list[str] | None, typer.Argument(help="texts to classify")] = None,
+    input: Annotated[Path | None, typer.Option("--input", help="file of texts (csv/tsv/json/jsonl/parquet/txt)")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="write predictions here (.jsonl or .csv)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override for reading --input")] = None,
+) -> None:
+    """Predict labels and class probabilities for texts or a file."""
+    from tuneforge.inference import predict_texts, write_predictions
+
+    if not texts and input is None:
+        raise ConfigError("give texts to classify or --input FILE")
+    rows = predict_texts(run_dir, list(texts or []), input, list(set_ or []))
+    if output is not None:
+        write_predictions(rows, output)
+        typer.echo(f"wrote {len(rows)} predictions to {output}")
+    else:
+        for row in rows:
+            typer.echo(json.dumps(row, ensure_ascii=False))
+
+
+@app.command()
+def validate(args: Overrides = None) -> None:
+    """Validate a recipe (config, model name, data files, columns and labels) without training."""
+    from tuneforge.inference import validate_run
+
+    typer.echo(validate_run(_load(args)))
+
+
+@app.command()
+def models() -> None:
+    """List the models usable by short name (offline)."""
+    from tuneforge.models import list_models
+
+    rows = [(m.name, m.family, m.architecture, "yes" if m.available() else "no", m.description) for m in list_models()]
+    widths = [max(len(r[i]) for r in [*rows, ("name", "family", "arch", "ready", "")]) for i in range(4)]
+    typer.echo("  ".join(h.ljust(w) for h, w in zip(("name", "family", "arch", "ready"), widths, strict=True)) + "  description")
+    for r in rows:
+        typer.echo("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
+    typer.echo("\nAny local Hugging Face folder also works: model=/path/to/folder")
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[Path, typer.Option("--output-dir", help="where the demo run goes")] = Path("runs/demo"),
+    quiet: Quiet = False,
+) -> None:
+    """Fine-tune the bundled MiniLM on bundled tweets (3-class sentiment), evaluate, predict."""
+    from tuneforge.demo import run_demo
+
+    run_demo(output_dir, quiet=quiet)
+
+
+def main() -> None:
+    """Console entry point: maps errors to exit codes and clean messages."""
+    import click
+
+    debug = bool(os.environ.get("TUNEFORGE_DEBUG"))
+    try:
+        code = app(standalone_mode=False)
+    except TuneforgeError as e:
+        if debug:
+            raise
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        typer.echo("interrupted; the last checkpoint is intact (continue with --resume)", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,219 @@
+"""Typed run configuration, one pydantic model per concern.
+
+A recipe is YAML that serialises `RunConfig`. Every block forbids unknown keys, so a typo fails at
+validation time with the key's dotted path. The `method` and `task` blocks are open registries: the
+block's ``name`` picks a config class registered by the method or objective module (see
+``tuneforge.methods`` and ``tuneforge.objectives``), so adding a method adds its own options without
+touching this file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+
+__all__ = [
+    "DataConfig",
+    "MethodConfig",
+    "ModelConfig",
+    "RunConfig",
+    "StrictModel",
+    "TaskConfig",
+    "TrainConfig",
+    "register_method_config",
+    "register_task_config",
+]
+
+
+class StrictModel(BaseModel):
+    """Base of every config block: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# --------------------------------------------------------------------------- registries of named blocks
+_METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
+_TASK_CONFIGS: dict[str, type[TaskConfig]] = {}
+
+
+class MethodConfig(StrictModel):
+    """Options of a fine-tuning method; subclasses add method-specific fields."""
+
+    name: str = "full"
+    #: learning rate used when ``train.lr`` is not set (methods differ by an order of magnitude).
+    default_lr: ClassVar[float] = 5e-5
+
+    def check_model(self, n_layers: int) -> None:
+        """Raise `ConfigError` when the method's options cannot fit a model with ``n_layers`` blocks."""
+
+
+class TaskConfig(StrictModel):
+    """Options of a training objective; subclasses add objective-specific fields."""
+
+    name: str = "classification"
+
+
+def register_method_config(name: str, cls: type[MethodConfig]) -> None:
+    """Make ``method: {name: NAME, ...}`` validate with ``cls``."""
+    _METHOD_CONFIGS[name] = cls
+
+
+def register_task_config(name: str, cls: type[TaskConfig]) -> None:
+    """Make ``task: {name: NAME, ...}`` validate with ``cls``."""
+    _TASK_CONFIGS[name] = cls
+
+
+def _ensure_registries() -> None:
+    # Importing the packages runs their one-line registrations. Config classes live in modules that
+    # do not import torch, so validating a recipe stays fast.
+    import tuneforge.methods
+    import tuneforge.objectives  # noqa: F401
+
+
+def _named_block(value: Any, registry: dict[str, type[StrictModel]], what: str) -> Any:
+    if isinstance(value, StrictModel):
+        return value
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a {what} name or a mapping with 'name', got {value!r}")
+    _ensure_registries()
+    name = value.get("name", "full" if what == "method" else "classification")
+    if name not in registry:
+        allowed = ", ".join(sorted(registry))
+        raise ValueError(f"unknown {what} '{name}'; allowed: {allowed}")
+    return registry[name].model_validate(value)
+
+
+# --------------------------------------------------------------------------- blocks
+class ModelConfig(StrictModel):
+    """Which model to start from and how to load it."""
+
+    name: str = Field("minilm-l6", description="registry short name (see `tuneforge models`) or a local HF folder")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
+
+
+class DataConfig(StrictModel):
+    """Input files, their layout and how text is tokenized."""
+
+    train: Path | None = Field(None, description="training file (csv, tsv, json, jsonl, parquet, txt)")
+    validation: Path | None = Field(None, description="validation file; carved from train when absent")
+    test: Path | None = Field(None, description="optional test file evaluated at the end")
+    format: Literal["csv", "tsv", "json", "jsonl", "parquet", "txt"] | None = Field(
+        None, description="file format; by extension when absent"
+    )
+    header: bool = Field(True, description="csv/tsv: first row holds column names")
+    quoting: bool = Field(True, description="csv/tsv: honour quote characters (off = csv.QUOTE_NONE)")
+    delimiter: str | None = Field(None, description="csv/tsv field separator override")
+    encoding: str = Field("utf-8", description="text encoding of the input files")
+    text_column: str | int = Field("text", description="column name or 0-based index")
+    text_pair_column: str | int | None = Field(None, description="second text for sentence-pair tasks")
+    label_column: str | int = Field("label", description="column name or 0-based index")
+    validation_split: float = Field(0.1, gt=0.0, lt=0.9, description="share of train held out when no validation")
+    max_length: int = Field(128, ge=8, le=8192, description="truncate inputs to this many tokens")
+    max_train_samples: int | None = Field(None, ge=1, description="use a seeded random sample of N training rows")
+    max_eval_samples: int | None = Field(None, ge=1, description="use a seeded random sample of N validation rows")
+
+    @field_validator("text_column", "text_pair_column", "label_column")
+    @classmethod
+    def _nonnegative_index(cls, v: str | int | None) -> str | int | None:
+        if isinstance(v, int) and v < 0:
+            raise ValueError("a column index is 0-based and must be >= 0")
+        return v
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError as e:
+            raise ValueError(f"unknown text encoding '{v}' (e.g. utf-8, latin-1, cp1252)") from e
+        return v
+
+
+class TrainConfig(StrictModel):
+    """The optimisation loop: budget, optimiser, schedule, precision, evaluation and checkpoints."""
+
+    epochs: float = Field(3.0, gt=0, description="passes over the training data")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs when set")
+    batch_size: int = Field(32, ge=1, description="examples per micro-batch")
+    eval_batch_size: int | None = Field(None, ge=1, description="examples per eval batch (default 2x batch_size)")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    lr: float | None = Field(None, gt=0, description="peak learning rate; the method's default when absent")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decay (not applied to biases and norms)")
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="share of steps spent warming up")
+    warmup_steps: int | None = Field(None, ge=0, description="warmup steps; overrides warmup_ratio")
+    max_grad_norm: float | None = Field(1.0, ge=0, description="clip gradients to this norm (0/None: off)")
+    layer_lr_decay: float | None = Field(
+        None, gt=0, le=1, description="layer-wise LR decay factor per layer from the head down"
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast when the CPU has it")
+    group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
+    seed: int = 42
+    eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: each epoch)")
+    save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (default: at each eval)")
+    save_total_limit: int = Field(2, ge=1, description="keep this many recent checkpoints (plus the best)")
+    metric: str | None = Field(None, description="eval metric for best checkpoint / early stopping")
+    early_stopping_patience: int | None = Field(None, ge=1, description="evals without improvement before stopping")
+    load_best_at_end: bool = Field(True, description="final model = best checkpoint by `metric`")
+    nonfinite: Literal["skip", "stop"] = Field(
+        "skip", description="on NaN/inf loss: skip the batch (stop after max_nonfinite in a row) or stop at once"
+    )
+    max_nonfinite: int = Field(10, ge=1, description="consecutive skipped steps before stopping")
+    log_steps: int = Field(10, ge=1, description="log train loss/lr every N steps")
+    tensorboard: bool = True
+
+
+class RunConfig(StrictModel):
+    """A whole run: model × method × task × data, plus the loop settings and where outputs go."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: SerializeAsAny[TaskConfig] = Field("classification", validate_default=True)  # type: ignore[assignment]
+    method: SerializeAsAny[MethodConfig] = Field("full", validate_default=True)  # type: ignore[assignment]
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output_dir: Path | None = Field(None, description="run directory (default runs/<task>-<time>)")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_block(cls, v: Any) -> Any:
+        return _named_block(v, _METHOD_CONFIGS, "method")
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _task_block(cls, v: Any) -> Any:
+        return _named_block(v, _TASK_CONFIGS, "task")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        d, t = self.data, self.train
+        if d.text_pair_column is not None and d.text_pair_column == d.text_column:
+            raise ValueError("data.text_pair_column must differ from data.text_column")
+        if t.early_stopping_patience is not None and t.eval_steps is None and t.epochs < 2 and t.max_steps is None:
+            raise ValueError(
+                "train.early_stopping_patience needs several evaluations: set train.eval_steps or train.epochs >= 2"
+            )
+        check = getattr(self.method, "check_run", None)
+        if check is not None:
+            check(self)
+        check = getattr(self.task, "check_run", None)
+        if check is not None:
+            check(self)
+        return self
+
+    @property
+    def lr(self) -> float:
+        """The effective peak learning rate (explicit or the method's default)."""
+        return self.train.lr if self.train.lr is not None else type(self.method).default_lr

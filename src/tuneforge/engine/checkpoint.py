@@ -1,0 +1,125 @@
+"""Checkpoints: written atomically, rotated (last K plus the best), and loaded for exact resume.
+
+A checkpoint is a folder ``checkpoints/step-00000123`` holding the trainable parameters
+(``trainable.safetensors``; frozen weights never change, so they are not copied), the optimizer and
+scheduler state, the RNG states and ``state.json`` (step, data position, best metric, counters). The
+folder is built under a temporary name and renamed into place, so a crash at any instant leaves either the
+previous set of checkpoints or the new one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from tuneforge.track.atomic import atomic_directory
+
+__all__ = ["TrainerState", "latest_checkpoint", "load_checkpoint", "rotate_checkpoints", "save_checkpoint"]
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainerState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    total_steps: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    samples_seen: int = 0
+    tokens_seen: int = 0
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+    finished: bool = False
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters by name (shared tensors saved once, under their first name)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p.detach().contiguous().clone()
+    return out
+
+
+def save_checkpoint(
+    ckpt_root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainerState
+) -> Path:
+    """Write ``ckpt_root/step-NNNNNNNN`` atomically; returns its path."""
+    final = ckpt_root / f"step-{state.step:08d}"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(final) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (those with ``state.json``) sorted by step."""
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for p in ckpt_root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and p.is_dir() and (p / "state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    found = list_checkpoints(ckpt_root)
+    return found[-1][1] if found else None
+
+
+def load_trainable(model: nn.Module, ckpt: Path) -> None:
+    """Copy a checkpoint's trainable tensors into ``model`` (names must match exactly)."""
+    tensors = load_file(str(ckpt / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [k for k in tensors if k not in params]
+    if missing:
+        raise RuntimeError(f"checkpoint {ckpt} has parameters the model lacks: {missing[:5]}")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            params[k].copy_(v)
+
+
+def load_checkpoint(
+    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+) -> TrainerState:
+    """Restore model, optimizer, scheduler and RNG from ``ckpt``; returns its trainer state."""
+    load_trainable(model, ckpt)
+    optim = torch.load(ckpt / "optim.pt", weights_only=False)
+    optimizer.load_state_dict(optim["optimizer"])
+    scheduler.load_state_dict(optim["scheduler"])
+    rng = torch.load(ckpt / "rng.pt", weights_only=False)
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    return TrainerState(**json.loads((ckpt / "state.json").read_text(encoding="utf-8")))
+
+
+def rotate_checkpoints(ckpt_root: Path, keep_last: int, protect: int | None) -> None:
+    """Delete all but the ``keep_last`` newest checkpoints, never the one at step ``protect`` (the best)."""
+    found = list_checkpoints(ckpt_root)
+    for step, path in found[:-keep_last] if keep_last else found:
+        if step != protect:
+            shutil.rmtree(path, ignore_errors=True)

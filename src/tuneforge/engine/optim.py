@@ -1,0 +1,66 @@
+"""Optimizer parameter groups (weight decay × layer-wise LR decay) and the LR schedule.
+
+Weight decay is not applied to biases and normalisation weights (1-D tensors), as in BERT and the HF
+Trainer. Layer-wise learning-rate decay (LLRD; Howard & Ruder 2018, Clark et al. 2020 "ELECTRA") scales
+the peak rate by ``decay ** (L + 1 - depth)``: the head and the layers above the last block (final norm,
+pooler) keep the full rate, block k (1-based from the bottom) gets ``decay ** (L + 1 - k)`` and the
+embeddings ``decay ** (L + 1)``. The schedule is transformers' ``get_scheduler`` (warmup then linear,
+cosine or constant).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuneforge.config.schema import TrainConfig
+from tuneforge.models.anatomy import param_depth
+
+__all__ = ["build_optimizer", "build_scheduler", "lr_scale", "param_groups"]
+
+
+def lr_scale(depth: int, n_layers: int, decay: float | None) -> float:
+    """LR multiplier of a parameter at ``depth`` (0 = embeddings, n_layers + 1 = top)."""
+    if decay is None:
+        return 1.0
+    return decay ** (n_layers + 1 - depth)
+
+
+def param_groups(
+    model: nn.Module, cfg: TrainConfig, lr: float, n_layers: int, head_names: set[str] = frozenset()
+) -> list[dict[str, Any]]:
+    """Trainable parameters grouped by (learning rate, weight decay). Head parameters get the full rate."""
+    groups: dict[tuple[float, float], list[torch.Tensor]] = defaultdict(list)
+    names: dict[tuple[float, float], list[str]] = defaultdict(list)
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        depth = n_layers + 1 if name in head_names else param_depth(name, n_layers)
+        scale = lr_scale(depth, n_layers, cfg.layer_lr_decay)
+        wd = 0.0 if p.ndim < 2 else cfg.weight_decay
+        groups[(lr * scale, wd)].append(p)
+        names[(lr * scale, wd)].append(name)
+    return [
+        {"params": params, "lr": group_lr, "weight_decay": wd, "names": names[(group_lr, wd)]}
+        for (group_lr, wd), params in sorted(groups.items(), key=lambda kv: (-kv[0][0], -kv[0][1]))
+    ]
+
+
+def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over ``groups`` (the ``names`` key is kept for inspection and ignored by torch)."""
+    if not groups:
+        raise ValueError("no trainable parameters")
+    return torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, foreach=True)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * total_steps)
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule]
+    return get_scheduler(name, opt, num_warmup_steps=min(warmup, total_steps), num_training_steps=total_steps)

@@ -1,0 +1,1 @@
+"""Task metrics (thin wrappers over scikit-learn and friends) and evaluation helpers."""

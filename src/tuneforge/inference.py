@@ -1,0 +1,99 @@
+"""After training: evaluate a run on a file, predict, and validate a recipe without training.
+
+A run directory is self-describing: ``config.yaml`` (the resolved recipe) says which objective and data
+layout it used, ``model/`` is a plain Hugging Face folder. Overrides given here (e.g. a different
+``data.text_column`` for the evaluation file) apply on top of the saved recipe.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from tuneforge.config import RunConfig, load_config
+from tuneforge.engine import autocast_factory, resolve_precision
+from tuneforge.errors import ConfigError, DataError
+from tuneforge.eval.classification import flatten_metrics
+from tuneforge.objectives import get_objective
+from tuneforge.track import atomic_write_text
+
+__all__ = ["evaluate_file", "load_run", "predict_texts", "validate_run", "write_predictions"]
+
+
+def load_run(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The saved config of ``run_dir`` with ``overrides`` applied."""
+    cfg_file = run_dir / "config.yaml"
+    if not (run_dir / "model" / "config.json").is_file() or not cfg_file.is_file():
+        raise ConfigError(f"{run_dir} is not a finished tuneforge run (no config.yaml and model/)")
+    return load_config(cfg_file, overrides)
+
+
+def _runtime(run: RunConfig, run_dir: Path):
+    objective = get_objective(run)
+    built = objective.from_saved(run_dir / "model")
+    autocast = autocast_factory(resolve_precision(run.train.precision))
+    batch_size = run.train.eval_batch_size or 2 * run.train.batch_size
+    return objective, built, autocast, batch_size
+
+
+def evaluate_file(run_dir: Path, data: Path, overrides: list[str]) -> dict[str, float]:
+    """Flat metrics of the run's model on a labelled file."""
+    run = load_run(run_dir, overrides)
+    objective, built, autocast, batch_size = _runtime(run, run_dir)
+    examples = objective.read_split(data)
+    batches = objective.prepare(examples, built.tokenizer, run)
+    return flatten_metrics(objective.evaluate(built.model, batches, batch_size=batch_size, autocast=autocast))
+
+
+def predict_texts(run_dir: Path, texts: list[str], input_file: Path | None, overrides: list[str]) -> list[dict[str, Any]]:
+    """Predictions for ``texts`` and/or the texts of ``input_file``, in order."""
+    run = load_run(run_dir, overrides)
+    objective, built, autocast, batch_size = _runtime(run, run_dir)
+    pairs = None
+    rows_text = list(texts)
+    if input_file is not None:
+        file_texts, pairs = objective.read_inputs(input_file)
+        if rows_text and pairs is not None:
+            raise ConfigError("give either texts on the command line or a sentence-pair --input file, not both")
+        rows_text += file_texts
+    for i, t in enumerate(rows_text):
+        if not t.strip():
+            raise DataError("empty text", input_file if input_file else "command line", i + 1)
+    preds = objective.predict(built, rows_text, pairs, batch_size=batch_size, autocast=autocast)
+    return [{"text": t, **p} for t, p in zip(rows_text, preds, strict=True)]
+
+
+def write_predictions(rows: list[dict[str, Any]], output: Path) -> None:
+    """Write predictions as JSONL (default) or CSV (by the ``.csv`` extension), atomically."""
+    if output.suffix.lower() == ".csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(output, buf.getvalue())
+    else:
+        atomic_write_text(output, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def validate_run(run: RunConfig) -> str:
+    """Check config, model and data as `train` would, without loading weights; returns a summary."""
+    from transformers import AutoConfig
+
+    from tuneforge.models.anatomy import num_layers
+    from tuneforge.models.registry import resolve_model
+
+    objective = get_objective(run)
+    path = resolve_model(run.model.name)
+    n_layers = num_layers(AutoConfig.from_pretrained(path))
+    lines = [f"config ok: task={run.task.name} method={run.method.name} model={run.model.name} ({n_layers} layers)"]
+    run.method.check_model(n_layers)
+    if run.data.train is not None:
+        data = objective.load_data(run)
+        sizes = ", ".join(f"{k}={len(v.texts) if hasattr(v, 'texts') else len(v)}" for k, v in data.splits.items())
+        lines.append(f"data ok: {sizes}")
+        lines += [f"  {k}: {v}" for k, v in data.info.items()]
+        lines += [f"  note: {n}" for n in data.notes]
+    return "\n".join(lines)

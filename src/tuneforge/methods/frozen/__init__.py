@@ -1,0 +1,1 @@
+"""Frozen backbone (feature extraction): train the head on backbone features computed once."""

@@ -1,0 +1,1 @@
+"""Full fine-tuning: every parameter trains."""

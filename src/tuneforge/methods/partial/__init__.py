@@ -1,0 +1,1 @@
+"""Partial fine-tuning: freeze the embeddings and the bottom N transformer layers."""
