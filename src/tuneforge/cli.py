@@ -138,9 +138,22 @@ def demo(
     run_demo(output_dir, quiet=quiet)
 
 
+def _quiet_libraries() -> None:
+    """Offline by default; keep transformers' load reports and bars out of tuneforge's own output."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def main() -> None:
     """Console entry point: maps errors to exit codes and clean messages."""
     import click
+
+    _quiet_libraries()
 
     debug = bool(os.environ.get("TUNEFORGE_DEBUG"))
     try:

@@ -237,7 +237,7 @@ def test_resolve_hub_id_explains_offline_download() -> None:
 def test_resolve_local_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     folder = tmp_path / "my-model"
     folder.mkdir()
-    with pytest.raises(ConfigError, match="no config.json"):
+    with pytest.raises(ConfigError, match=r"no config\.json"):
         resolve_model(str(folder))
     (folder / "config.json").write_text('{"model_type": "bert"}')
     assert resolve_model(str(folder)) == folder.resolve()

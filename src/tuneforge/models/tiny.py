@@ -9,8 +9,10 @@ the repo. The tokenizer is trained (in well under a second) on ``assets/tiny_cor
 
 Guarantees:
 
-* deterministic: the same recipe gives byte-identical files on every machine (weights come from a
-  local ``torch.Generator`` seeded with 0; the global RNG state is left untouched);
+* deterministic: with the same library versions, every machine gets byte-identical files. Weights
+  come from a local ``torch.Generator`` seeded with 0 (the global RNG state is left untouched), and
+  only deterministic `tokenizers` trainers are used (plain BPE; the WordPiece and Unigram trainers
+  vary run to run, so BERT's WordPiece vocabulary is derived from a BPE run, and T5 uses BPE);
 * built once: cached under ``<root>/tiny/<TINY_VERSION>/<arch>`` where ``<root>`` is the
   ``cache_dir`` argument, else ``$TUNEFORGE_CACHE``, else ``$XDG_CACHE_HOME/tuneforge`` or
   ``~/.cache/tuneforge``; bump ``TINY_VERSION`` whenever the recipe changes;
@@ -67,11 +69,11 @@ def _check_arch(arch: str) -> str:
 def tiny_cache_root(cache_dir: str | Path | None = None) -> Path:
     """The tuneforge cache root: ``cache_dir``, else $TUNEFORGE_CACHE, else the user cache folder."""
     if cache_dir is not None:
-        return Path(cache_dir).expanduser()
+        return Path(cache_dir).expanduser().absolute()
     if env := os.environ.get("TUNEFORGE_CACHE"):
-        return Path(env).expanduser()
+        return Path(env).expanduser().absolute()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "tuneforge"
+    return ((Path(xdg) if xdg else Path.home() / ".cache") / "tuneforge").absolute()
 
 
 def _is_complete(folder: Path) -> bool:
