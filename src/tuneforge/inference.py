@@ -16,7 +16,7 @@ from typing import Any
 from tuneforge.config import RunConfig, load_config
 from tuneforge.engine import autocast_factory, resolve_precision
 from tuneforge.errors import ConfigError, DataError
-from tuneforge.eval.classification import flatten_metrics
+from tuneforge.eval import flatten_metrics
 from tuneforge.objectives import get_objective
 from tuneforge.track import atomic_write_text
 
@@ -92,7 +92,7 @@ def validate_run(run: RunConfig) -> str:
     run.method.check_model(n_layers)
     if run.data.train is not None:
         data = objective.load_data(run)
-        sizes = ", ".join(f"{k}={len(v.texts) if hasattr(v, 'texts') else len(v)}" for k, v in data.splits.items())
+        sizes = ", ".join(f"{k}={len(v)}" for k, v in data.splits.items())
         lines.append(f"data ok: {sizes}")
         lines += [f"  {k}: {v}" for k, v in data.info.items()]
         lines += [f"  note: {n}" for n in data.notes]

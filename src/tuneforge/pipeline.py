@@ -20,7 +20,7 @@ from tuneforge.data.batching import Batches
 from tuneforge.engine import Trainer, autocast_factory, param_groups, resolve_precision
 from tuneforge.engine.checkpoint import latest_checkpoint, load_trainable
 from tuneforge.errors import ConfigError
-from tuneforge.eval.classification import flatten_metrics
+from tuneforge.eval import flatten_metrics
 from tuneforge.methods import MethodContext, get_method
 from tuneforge.models.anatomy import head_parameter_names, num_layers, trainable_summary
 from tuneforge.models.registry import resolve_model
@@ -132,7 +132,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
 
     metrics = _final_metrics(run, objective, data, built, model, autocast, result, precision,
                              trainer.steps_per_epoch, run_dir)
-    _save_model(run_dir / "model", model, built.tokenizer, objective, data)
+    _save_model(run_dir / "model", model, built.tokenizer, objective, data, method)
     atomic_write_json(run_dir / "metrics.json", metrics)
     write_plots(run_dir)
     write_report(run_dir, {
@@ -175,9 +175,14 @@ def _final_metrics(run, objective, data, built, model, autocast, result, precisi
     return out
 
 
-def _save_model(out: Path, model, tokenizer, objective, data) -> None:
-    """The trained model as a Hugging Face folder plain transformers loads (written atomically)."""
+def _save_model(out: Path, model, tokenizer, objective, data, method) -> None:
+    """The trained model as a Hugging Face folder (written atomically). A method may save its own way
+    (e.g. adapter-only weights) through an optional ``save(model, folder)`` in its runtime module."""
     with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp)
+        save = getattr(method, "save", None)
+        if save is not None:
+            save(model, tmp)
+        else:
+            model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         objective.save_artifacts(tmp, data)

@@ -93,10 +93,10 @@ def _format_validation_error(err: ValidationError) -> ConfigError:
         # drop pydantic's union/tag markers that are not user keys
         loc = [p for p in loc if not p.endswith("]") and p not in ("str", "int", "float", "bool", "none")]
         key = ".".join(loc) or "(root)"
-        first_key = first_key or key
         msg = e["msg"].removeprefix("Value error, ")
         if key == "(root)" and re.match(r"^[a-z_]+\.[a-z_.]+ ", msg):  # cross-field checks lead with their key
             key, msg = msg.split(" ", 1)
+        first_key = first_key or key
         if e["type"] == "extra_forbidden":
             msg = "unknown key" + _allowed_keys_hint(loc)
         lines.append(f"  {key}: {msg}")

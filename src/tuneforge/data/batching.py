@@ -62,21 +62,26 @@ def plan_batches(
 
 
 class TokenBatches:
-    """Tokenized examples (ragged ``input_ids`` plus optional per-example fields) with dynamic padding.
+    """Tokenized examples with dynamic padding.
 
     Args:
-        columns: ``input_ids`` (list of token-id lists) and optionally ``token_type_ids`` (same shape)
-            and scalar per-example fields such as ``labels``.
+        columns: ``input_ids`` (list of token-id lists) plus any other per-token lists of the same
+            lengths (``token_type_ids``, ``labels`` for LM objectives, ``position_ids`` for packing) and
+            per-example scalars (``labels`` for classification).
         pad_id: token id used for padding ``input_ids``.
+        pad_values: padding value of other per-token columns (default 0; LM ``labels`` use -100, the
+            index cross-entropy ignores).
         group_by_length: group training batches by length.
     """
 
-    def __init__(self, columns: dict[str, Sequence[Any]], pad_id: int, *, group_by_length: bool = True):
+    def __init__(self, columns: dict[str, Sequence[Any]], pad_id: int, *, group_by_length: bool = True,
+                 pad_values: dict[str, int] | None = None):
         self.columns = columns
+        self.pad_values = {"labels": -100, **(pad_values or {}), "input_ids": pad_id}
         self.pad_id = pad_id
         self.group_by_length = group_by_length
         self.lengths = np.fromiter((len(x) for x in columns["input_ids"]), dtype=np.int64)
-        self._ragged = [k for k in ("input_ids", "token_type_ids") if k in columns]
+        self._ragged = [k for k, v in columns.items() if len(v) and isinstance(v[0], (list, tuple, np.ndarray))]
         self._scalar = [k for k in columns if k not in self._ragged]
 
     def __len__(self) -> int:
@@ -93,22 +98,18 @@ class TokenBatches:
         )
 
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
-        width = int(self.lengths[list(indices)].max())
+        lengths = self.lengths[list(indices)]
+        width = int(lengths.max())
         batch: dict[str, torch.Tensor] = {}
-        ids = np.full((len(indices), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(indices), width), dtype=np.int64)
-        types = np.zeros((len(indices), width), dtype=np.int64) if "token_type_ids" in self.columns else None
-        for row, i in enumerate(indices):
-            seq = self.columns["input_ids"][i]
-            ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
-            if types is not None:
-                tt = self.columns["token_type_ids"][i]
-                types[row, : len(tt)] = tt
-        batch["input_ids"] = torch.from_numpy(ids)
-        batch["attention_mask"] = torch.from_numpy(mask)
-        if types is not None:
-            batch["token_type_ids"] = torch.from_numpy(types)
+        for key in self._ragged:
+            arr = np.full((len(indices), width), self.pad_values.get(key, 0), dtype=np.int64)
+            col = self.columns[key]
+            for row, i in enumerate(indices):
+                seq = col[i]
+                arr[row, : len(seq)] = seq
+            batch[key] = torch.from_numpy(arr)
+        if "attention_mask" not in self.columns:
+            batch["attention_mask"] = torch.from_numpy((np.arange(width)[None, :] < lengths[:, None]).astype(np.int64))
         for k in self._scalar:
             batch[k] = torch.as_tensor([self.columns[k][i] for i in indices])
         return batch

@@ -151,8 +151,13 @@ class Trainer:
             if "attention_mask" in batch:
                 st.tokens_seen += int(batch["attention_mask"].sum())
         grad_norm = None
-        if finite and self.cfg.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+        if finite:
+            # The norm is needed anyway to catch NaN/inf gradients behind a finite loss.
+            if self.cfg.max_grad_norm:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
+            else:
+                grads = [p.grad for p in self.params if p.grad is not None]
+                grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
             finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()

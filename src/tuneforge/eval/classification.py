@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["classification_metrics", "flatten_metrics"]
+__all__ = ["classification_metrics"]
 
 
 def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels: Sequence[str]) -> dict[str, Any]:
@@ -28,19 +28,3 @@ def classification_metrics(y_true: Sequence[int], y_pred: Sequence[int], labels:
         "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
         "labels": [str(x) for x in labels],
     }
-
-
-def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """Scalars only, nested per-class figures as ``f1/<label>``; the confusion matrix is left out."""
-    flat: dict[str, float] = {}
-    for k, v in metrics.items():
-        if isinstance(v, bool) or k in ("confusion_matrix", "labels"):
-            continue
-        if isinstance(v, (int, float)):
-            flat[k] = float(v)
-        elif k == "per_class" and isinstance(v, dict):
-            for label, stats in v.items():
-                for name, value in stats.items():
-                    if name != "support":
-                        flat[f"{name}/{label}"] = float(value)
-    return flat

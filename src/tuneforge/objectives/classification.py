@@ -53,6 +53,9 @@ class Examples:
     source: str
     lines: list[int]
 
+    def __len__(self) -> int:
+        return len(self.texts)
+
     def subset(self, idx: Sequence[int], source: str | None = None) -> Examples:
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         return Examples(pick(self.texts), pick(self.pairs) if self.pairs else None,
