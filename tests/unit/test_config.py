@@ -50,7 +50,9 @@ def test_parse_override_rejects_malformed() -> None:
 
 
 def test_overrides_typed_in_config() -> None:
-    cfg = load_config(None, ["train.lr=1e-3", "data.header=false", "data.text_column=0", "train.batch_size=8"])
+    cfg = load_config(
+        None, ["train.lr=1e-3", "data.header=false", "data.text_column=0", "train.batch_size=8"]
+    )
     assert isinstance(cfg.train.lr, float) and cfg.train.lr == pytest.approx(0.001)
     assert cfg.lr == pytest.approx(0.001)
     assert cfg.data.header is False
@@ -104,11 +106,6 @@ def test_switching_model_keeps_model_options(tmp_path: Path) -> None:
     assert (cfg.model.name, cfg.model.attn_implementation) == ("tiny-llama", "eager")
 
 
-@pytest.mark.xfail(
-    reason="BUG: apply_overrides/_rename_block drops options set on an unnamed method block: "
-    "`method.freeze_layers=1 method=partial` silently yields freeze_layers=2 (the default)",
-    strict=True,
-)
 def test_method_option_before_method_name_is_kept() -> None:
     cfg = load_config(None, ["method.freeze_layers=1", "method=partial"])
     assert cfg.method.freeze_layers == 1
@@ -191,11 +188,6 @@ def test_unknown_key_in_method_block_names_key() -> None:
     assert "unknown key" in str(e)
 
 
-@pytest.mark.xfail(
-    reason="BUG: loading._allowed_keys_hint only knows model/data/train; an unknown key in the method or "
-    "task block does not list the allowed keys",
-    strict=True,
-)
 def test_unknown_key_in_method_block_lists_allowed_keys() -> None:
     e = _err(["method=partial", "method.freeze=1"])
     assert "allowed keys" in str(e)
@@ -252,11 +244,6 @@ def test_frozen_refuses_layer_lr_decay() -> None:
     assert load_config(None, ["method=partial", "train.layer_lr_decay=0.8"]).train.layer_lr_decay == 0.8
 
 
-@pytest.mark.xfail(
-    reason="BUG: loading._format_validation_error takes first_key before re-keying cross-field errors, so "
-    "the error is reported at '(root)' and the message loses 'train.layer_lr_decay' entirely",
-    strict=True,
-)
 def test_frozen_refuses_layer_lr_decay_names_key() -> None:
     e = _err(["method=frozen", "train.layer_lr_decay=0.8"])
     assert e.key == "train.layer_lr_decay"
@@ -273,11 +260,6 @@ def test_text_pair_equal_to_text_column_refused() -> None:
     assert (cfg.data.text_column, cfg.data.text_pair_column) == (0, 1)
 
 
-@pytest.mark.xfail(
-    reason="BUG: cross-field error at '(root)': the message loses its leading key 'data.text_pair_column' "
-    "(see _format_validation_error first_key)",
-    strict=True,
-)
 def test_text_pair_equal_to_text_column_names_key() -> None:
     e = _err(["data.text_pair_column=text"])
     assert e.key == "data.text_pair_column"
@@ -324,13 +306,38 @@ def test_bad_encoding_names_key() -> None:
     "overrides",
     [
         ["train.lr=5e-5"],
-        ["model=tiny-bert", "method=partial", "method.freeze_layers=1", "train.lr=1e-5", "train.layer_lr_decay=0.8",
-         "data.delimiter=\t", "task.class_weights={a: 2.0, b: 1}", "train.adam_betas=[0.9, 0.98]"],
-        ["method=frozen", "method.cache_features=false", "train.lr=2e-3", "task.class_weights=balanced",
-         "output_dir=/tmp/run dir", "data.text_column=0", "data.label_column=1", "data.header=false",
-         "data.train=/tmp/a b.csv", "train.max_grad_norm=null", "train.precision=fp32"],
-        ["train.lr=3e-4", "data.text_column='0'", "data.text_pair_column=1", "train.metric=loss",
-         "train.early_stopping_patience=2", "train.eval_steps=10", "train.max_steps=100"],
+        [
+            "model=tiny-bert",
+            "method=partial",
+            "method.freeze_layers=1",
+            "train.lr=1e-5",
+            "train.layer_lr_decay=0.8",
+            "data.delimiter=\t",
+            "task.class_weights={a: 2.0, b: 1}",
+            "train.adam_betas=[0.9, 0.98]",
+        ],
+        [
+            "method=frozen",
+            "method.cache_features=false",
+            "train.lr=2e-3",
+            "task.class_weights=balanced",
+            "output_dir=/tmp/run dir",
+            "data.text_column=0",
+            "data.label_column=1",
+            "data.header=false",
+            "data.train=/tmp/a b.csv",
+            "train.max_grad_norm=null",
+            "train.precision=fp32",
+        ],
+        [
+            "train.lr=3e-4",
+            "data.text_column='0'",
+            "data.text_pair_column=1",
+            "train.metric=loss",
+            "train.early_stopping_patience=2",
+            "train.eval_steps=10",
+            "train.max_steps=100",
+        ],
     ],
 )
 def test_to_yaml_round_trip(overrides: list[str], tmp_path: Path) -> None:

@@ -66,7 +66,8 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def _rename_block(current: Any, name: Any, keep_options: bool) -> Any:
-    if isinstance(current, dict) and (keep_options or current.get("name") == name):
+    # Options set before any name (``method.r=8 method=lora``) belong to the name that follows.
+    if isinstance(current, dict) and (keep_options or current.get("name") in (None, name)):
         return {**current, "name": name}
     return {"name": name}
 
@@ -85,7 +86,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return tree
 
 
-def _format_validation_error(err: ValidationError) -> ConfigError:
+def _format_validation_error(err: ValidationError, tree: dict[str, Any]) -> ConfigError:
     lines = []
     first_key = None
     for e in err.errors():
@@ -98,22 +99,23 @@ def _format_validation_error(err: ValidationError) -> ConfigError:
             key, msg = msg.split(" ", 1)
         first_key = first_key or key
         if e["type"] == "extra_forbidden":
-            msg = "unknown key" + _allowed_keys_hint(loc)
+            msg = "unknown key" + _allowed_keys_hint(loc, tree)
         lines.append(f"  {key}: {msg}")
     head = "invalid configuration:\n" + "\n".join(lines)
     return ConfigError(head, key=None) if len(lines) > 1 else ConfigError(lines[0].split(": ", 1)[1], key=first_key)
 
 
-def _allowed_keys_hint(loc: list[str]) -> str:
+def _allowed_keys_hint(loc: list[str], tree: dict[str, Any]) -> str:
     from tuneforge.config import schema
 
-    blocks = {
-        "model": schema.ModelConfig,
-        "data": schema.DataConfig,
-        "train": schema.TrainConfig,
-    }
     if len(loc) == 1:
         return "; allowed top-level keys: " + ", ".join(schema.RunConfig.model_fields)
+    blocks: dict[str, Any] = {"model": schema.ModelConfig, "data": schema.DataConfig, "train": schema.TrainConfig}
+    if loc[0] in ("method", "task"):
+        block = tree.get(loc[0])
+        name = block.get("name") if isinstance(block, dict) else block
+        registry = schema._METHOD_CONFIGS if loc[0] == "method" else schema._TASK_CONFIGS
+        blocks[loc[0]] = registry.get(name)
     cls = blocks.get(loc[0])
     if cls is not None:
         return "; allowed keys: " + ", ".join(cls.model_fields)
@@ -127,7 +129,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as e:
-        raise _format_validation_error(e) from None
+        raise _format_validation_error(e, tree) from None
 
 
 def to_yaml(cfg: RunConfig) -> str:

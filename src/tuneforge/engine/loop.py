@@ -117,15 +117,16 @@ class Trainer:
                     st.train_seconds += time.perf_counter() - t0
                     st.batch_in_epoch += len(micro)
                     st.step += 1
-                    if st.batch_in_epoch >= len(plan):
+                    epoch_end = st.batch_in_epoch >= len(plan)
+                    if epoch_end:  # the next epoch gets its own plan (outer loop)
                         st.epoch, st.batch_in_epoch = st.epoch + 1, 0
                     if loss is not None:
                         window_loss, window_n = window_loss + loss, window_n + 1
                     bar.update(1)
                     if st.step % cfg.log_steps == 0 or st.step == self.total_steps:
                         window_loss, window_n, t_window = self._log(bar, window_loss, window_n, t_window)
-                    self._maybe_eval_and_save(epoch_end=st.batch_in_epoch == 0)
-                    if st.stopped_early:
+                    self._maybe_eval_and_save(epoch_end=epoch_end)
+                    if st.stopped_early or epoch_end:
                         break
         finally:
             bar.close()
