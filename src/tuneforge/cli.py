@@ -54,7 +54,7 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output_dir")] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Train: tuneforge train [RECIPE.yaml] [key=value ...]"""
+    """Train a model from an optional RECIPE.yaml plus key=value overrides."""
     from tuneforge.pipeline import train as run_train
 
     cfg = _load(args)
@@ -136,6 +136,20 @@ def demo(
     from tuneforge.demo import run_demo
 
     run_demo(output_dir, quiet=quiet)
+
+
+# Verbs added by later areas live in their own modules, each with ``register(app)``; one line each here.
+COMMAND_MODULES: list[str] = []
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(app)
+
+
+_register_commands()
 
 
 def _quiet_libraries() -> None:

@@ -22,6 +22,7 @@ from tuneforge.engine.checkpoint import latest_checkpoint, load_trainable
 from tuneforge.errors import ConfigError
 from tuneforge.eval import flatten_metrics
 from tuneforge.methods import MethodContext, get_method
+from tuneforge.methods.saved import save_trained
 from tuneforge.models.anatomy import head_parameter_names, num_layers, trainable_summary
 from tuneforge.models.registry import resolve_model
 from tuneforge.objectives import get_objective
@@ -132,7 +133,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
 
     metrics = _final_metrics(run, objective, data, built, model, autocast, result, precision,
                              trainer.steps_per_epoch, run_dir)
-    _save_model(run_dir / "model", model, built.tokenizer, objective, data, method)
+    _save_model(run_dir / "model", model, built.tokenizer, objective, data, run, model_path)
     atomic_write_json(run_dir / "metrics.json", metrics)
     write_plots(run_dir)
     write_report(run_dir, {
@@ -175,14 +176,9 @@ def _final_metrics(run, objective, data, built, model, autocast, result, precisi
     return out
 
 
-def _save_model(out: Path, model, tokenizer, objective, data, method) -> None:
-    """The trained model as a Hugging Face folder (written atomically). A method may save its own way
-    (e.g. adapter-only weights) through an optional ``save(model, folder)`` in its runtime module."""
+def _save_model(out: Path, model, tokenizer, objective, data, run: RunConfig, model_path: Path) -> None:
+    """The trained model as a Hugging Face folder (written atomically); see `methods.saved`."""
     with atomic_directory(out) as tmp:
-        save = getattr(method, "save", None)
-        if save is not None:
-            save(model, tmp)
-        else:
-            model.save_pretrained(tmp)
+        save_trained(model, tmp, run.method, model_path)
         tokenizer.save_pretrained(tmp)
         objective.save_artifacts(tmp, data)

@@ -226,8 +226,10 @@ class ClassificationObjective:
         """Load a trained classifier folder (plain transformers) and its label set."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from tuneforge.methods.saved import load_trained
+
         self.labels = read_label_map(model_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch.float32)
+        model = load_trained(AutoModelForSequenceClassification, model_dir, dtype=torch.float32)
         return Built(model.eval(), AutoTokenizer.from_pretrained(model_dir))
 
     def read_split(self, path: Path) -> Examples:

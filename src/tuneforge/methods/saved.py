@@ -1,0 +1,72 @@
+"""Saving and loading a trained model whatever the method, so every verb loads runs the same way.
+
+A method's runtime module (``methods/<name>/apply.py``) may define, besides ``apply``:
+
+* ``save(model, folder)``: write what the method trained (e.g. adapter weights only). Absent: the whole
+  model is written with ``save_pretrained`` (full, frozen, partial).
+* ``load(base_model, folder, method_cfg) -> model``: the inverse of ``save`` on a freshly loaded base.
+* ``merge(model) -> model``: fold the method into plain transformers weights (LoRA, IA3, BitFit...).
+  Absent, the module sets ``MERGE_UNSUPPORTED = "<why>"``.
+
+When ``save`` exists, the folder also gets the model's ``config.json`` (so the head shape is known) and
+``tuneforge_method.json`` naming the method, its options and the base model folder; `load_trained`
+reads that manifest to rebuild the model. A folder without a manifest is a plain Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tuneforge.errors import ConfigError
+from tuneforge.track.atomic import atomic_write_json
+
+__all__ = ["METHOD_FILE", "load_trained", "read_manifest", "save_trained"]
+
+METHOD_FILE = "tuneforge_method.json"
+
+
+def save_trained(model: nn.Module, folder: Path, method_cfg: Any, base_model: Path) -> None:
+    """Write ``model`` into ``folder`` the way its method wants (whole model or method weights + manifest)."""
+    from tuneforge.methods import get_method
+
+    runtime = get_method(method_cfg.name).runtime()
+    save = getattr(runtime, "save", None)
+    if save is None:
+        model.save_pretrained(folder)
+        return
+    save(model, folder)
+    config = getattr(model, "config", None) or model.get_base_model().config
+    config.save_pretrained(folder)
+    atomic_write_json(folder / METHOD_FILE, {
+        "method": method_cfg.name, "options": method_cfg.model_dump(mode="json"), "base_model": str(base_model),
+    })
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The method manifest of a saved folder, or None for a plain Hugging Face folder."""
+    p = Path(folder) / METHOD_FILE
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+
+
+def load_trained(model_cls: Any, folder: Path, **kwargs: Any) -> nn.Module:
+    """Load a saved model folder with ``model_cls`` (e.g. AutoModelForSequenceClassification)."""
+    from transformers import AutoConfig
+
+    from tuneforge.methods import get_method
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return model_cls.from_pretrained(folder, **kwargs)
+    base_path = Path(manifest["base_model"])
+    if not (base_path / "config.json").is_file():
+        raise ConfigError(f"{folder} holds '{manifest['method']}' weights for the base model {base_path}, "
+                          "which is no longer there; `tuneforge merge` or an exported folder is self-contained")
+    spec = get_method(manifest["method"])
+    base = model_cls.from_pretrained(base_path, config=AutoConfig.from_pretrained(folder), **kwargs)
+    method_cfg = spec.config.model_validate(manifest["options"])
+    return spec.runtime().load(base, folder, method_cfg)
