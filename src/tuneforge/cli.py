@@ -67,7 +67,8 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `tuneforge train`")],
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `tuneforge train` (or, with task=clm "
+                                            "or task=sft, a registry model name or HF folder)")],
     data: Annotated[Path, typer.Option("--data", help="file to evaluate on (same layout as training data)")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides (e.g. data.header=false)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print a flat JSON object of metric -> value")] = False,
@@ -139,7 +140,12 @@ def demo(
 
 
 # Verbs added by later areas live in their own modules, each with ``register(app)``; one line each here.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = [
+    "tuneforge.commands.export",
+    "tuneforge.commands.generate",
+    "tuneforge.commands.tokenizer",
+    "tuneforge.commands.compare",
+]
 
 
 def _register_commands() -> None:
@@ -158,7 +164,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    import logging
+
     from transformers.utils import logging as hf_logging
+
+    # bitsandbytes (imported by peft) logs a missing optional kernel package on every CPU start.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     hf_logging.disable_progress_bar()
 

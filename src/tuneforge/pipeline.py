@@ -21,10 +21,11 @@ from tuneforge.engine import Trainer, autocast_factory, param_groups, resolve_pr
 from tuneforge.engine.checkpoint import latest_checkpoint, load_trainable
 from tuneforge.errors import ConfigError
 from tuneforge.eval import flatten_metrics
+from tuneforge.eval.forgetting import Forgetting
 from tuneforge.methods import MethodContext, get_method
 from tuneforge.methods.saved import save_trained
 from tuneforge.models.anatomy import head_parameter_names, num_layers, trainable_summary
-from tuneforge.models.registry import resolve_model
+from tuneforge.models.scratch import describe, model_source
 from tuneforge.objectives import get_objective
 from tuneforge.track import (
     MetricsLogger,
@@ -77,26 +78,31 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     watch = Stopwatch()
     objective = get_objective(run)
     method = get_method(run.method.name).runtime()
-    model_path = resolve_model(run.model.name)
+    model_path, model_config = model_source(run)  # a model folder, or the tokenizer folder of a scratch model
     data = objective.load_data(run)  # every input check happens here, before the run dir exists
-    from transformers import AutoConfig, set_seed
+    forgetting = Forgetting.create(run, objective, data)  # task.general_eval, checked before the run dir too
+    from transformers import set_seed
 
-    n_layers = num_layers(AutoConfig.from_pretrained(model_path))
+    n_layers = num_layers(model_config)
     run.method.check_model(n_layers)
     run_dir = _prepare_run_dir(run, resume, overwrite)
-    atomic_write_text(run_dir / "config.yaml", to_yaml(run))
     for note in data.notes:
         _say(quiet, note)
 
     set_seed(run.train.seed)
     built = objective.build(run, model_path, data)
     model = built.model
-    ctx = MethodContext(head_parameter_names(model, built.newly_initialized), n_layers)
+    samples_hook = getattr(objective, "report_samples", None)  # LM objectives: generations before/after
+    samples_before = samples_hook(model, built.tokenizer) if samples_hook else []
+    # An LM head is pretrained, not a task head: methods treat only weights the checkpoint lacked as head.
+    head = (set(built.newly_initialized) if getattr(objective, "pretrained_head", False)
+            else head_parameter_names(model, built.newly_initialized))
+    ctx = MethodContext(head, n_layers)
     if built.newly_initialized:
         _say(quiet, f"newly initialized (trained as part of the head): {', '.join(built.newly_initialized)}")
     model = method.apply(model, run, ctx)
     trainable, total = trainable_summary(model)
-    _say(quiet, f"model {run.model.name}: {total:,} parameters, {trainable:,} trainable "
+    _say(quiet, f"model {describe(run)}: {total:,} parameters, {trainable:,} trainable "
                 f"({100 * trainable / total:.2f}%) with method '{run.method.name}'")
 
     splits: dict[str, Batches] = {
@@ -118,6 +124,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
         else not metric.endswith("loss"), quiet=quiet,
     )
     resumed = trainer.resume() if resume else False
+    atomic_write_text(run_dir / "config.yaml", to_yaml(run))  # after resume's checks: a refused resume keeps it
     if resumed:
         _say(quiet, f"resumed from step {trainer.state.step} of {trainer.total_steps}")
     _say(quiet, f"training: {len(splits['train']):,} examples, {trainer.total_steps} steps, precision {precision}, "
@@ -125,6 +132,9 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     with MetricsLogger(run_dir, tensorboard=run.train.tensorboard,
                        resume_step=trainer.state.step if resumed else None) as logger:
         trainer.logger = logger
+        if forgetting is not None:
+            forgetting.fresh_parts = bool(built.newly_initialized)
+            forgetting.before(run_dir, model, built.tokenizer, autocast)
         result = trainer.fit()
 
     if run.train.load_best_at_end and result.best_checkpoint is not None:
@@ -133,16 +143,27 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
 
     metrics = _final_metrics(run, objective, data, built, model, autocast, result, precision,
                              trainer.steps_per_epoch, run_dir)
+    if forgetting is not None:
+        metrics["forgetting"] = forgetting.after(run_dir, model, built.tokenizer, autocast)
     _save_model(run_dir / "model", model, built.tokenizer, objective, data, run, model_path)
     atomic_write_json(run_dir / "metrics.json", metrics)
     write_plots(run_dir)
     write_report(run_dir, {
-        "title": f"tuneforge run: {run.task.name} / {run.method.name} / {run.model.name}",
+        "title": f"tuneforge run: {run.task.name} / {run.method.name} / {describe(run)}",
         "command": command, "config": run.model_dump(mode="json"), "final_metrics": metrics["splits"],
         "throughput": metrics["train"], "peak_rss_mb": peak_rss_mb(), "wall_time_s": watch.elapsed,
         "trainable_params": trainable, "total_params": total, "hardware": cpu_info(), "notes": data.notes,
+        "samples": _before_after(samples_before, samples_hook(model, built.tokenizer)) if samples_hook else None,
     })
+    if forgetting is not None:
+        forgetting.write_report_section(run_dir, metrics["forgetting"])
     return RunResult(run_dir, metrics)
+
+
+def _before_after(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of ``report_samples`` output ({prompt, ..., generation}) side by side: before and after training."""
+    return [{**{k: v for k, v in b.items() if k != "generation"}, "before": b["generation"], "after": a["generation"]}
+            for b, a in zip(before, after, strict=False)]
 
 
 def _final_metrics(run, objective, data, built, model, autocast, result, precision, steps_per_epoch,

@@ -46,14 +46,25 @@ def write_csv(path: Path, rows, header=("text", "label")) -> Path:
 
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(TUNEFORGE_CACHE=str(CACHE), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        TUNEFORGE_CACHE=str(CACHE),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        # tiny models gain nothing from intra-op threads; on a shared 2-core machine they only contend
+        OMP_NUM_THREADS=os.environ.get("TUNEFORGE_TEST_THREADS", "1"),
+    )
     env.pop("TUNEFORGE_DEBUG", None)
     return env
 
 
 def run_subprocess(args: list[str], cwd: Path) -> tuple[int, str, str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "tuneforge", *args], cwd=cwd, env=cli_env(), capture_output=True, text=True,
+        [sys.executable, "-m", "tuneforge", *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
         timeout=300,
     )
     return proc.returncode, proc.stdout, proc.stderr
@@ -90,7 +101,9 @@ def data(tmp_path: Path) -> dict[str, Path]:
     d["train"] = write_csv(tmp_path / "train.csv", sentiment_rows(90))
     d["val"] = write_csv(tmp_path / "val.csv", sentiment_rows(30, offset=90))
 
-    d["no_text_col"] = write_csv(tmp_path / "no_text_col.csv", sentiment_rows(12), header=("sentence", "label"))
+    d["no_text_col"] = write_csv(
+        tmp_path / "no_text_col.csv", sentiment_rows(12), header=("sentence", "label")
+    )
 
     rows = sentiment_rows(12)
     rows[6] = ("   ", rows[6][1])  # header is line 1, so rows[6] is on line 8
@@ -135,8 +148,14 @@ def assert_clean_error(code: int, out: str, err: str, *needles: str) -> str:
 
 
 def _base(d: dict[str, Path], out: Path, **over: str) -> list[str]:
-    args = {"model": "tiny-bert", "data.train": str(d["train"]), "data.validation": str(d["val"]),
-            "output_dir": str(out), "train.max_steps": "2", "train.batch_size": "8"}
+    args = {
+        "model": "tiny-bert",
+        "data.train": str(d["train"]),
+        "data.validation": str(d["val"]),
+        "output_dir": str(out),
+        "train.max_steps": "2",
+        "train.batch_size": "8",
+    }
     args.update(over)
     return ["train", *(f"{k}={v}" for k, v in args.items())]
 
@@ -164,7 +183,9 @@ def test_ragged_row_names_file_and_line(data, tmp_path, run_inprocess):
 
 def test_unknown_label_in_validation_names_validation_file_and_line(data, tmp_path, run_inprocess):
     out = tmp_path / "run"
-    code, so, se = run_inprocess(_base(data, out, **{"data.validation": str(data["val_unknown_label"])}), tmp_path)
+    code, so, se = run_inprocess(
+        _base(data, out, **{"data.validation": str(data["val_unknown_label"])}), tmp_path
+    )
     line = assert_clean_error(code, so, se, f"{data['val_unknown_label']}:11:", "'sarcastic'")
     for label in ("negative", "neutral", "positive"):
         assert label in line  # the training label set is listed
@@ -232,7 +253,9 @@ def test_unknown_method_lists_methods(data, tmp_path, run_inprocess):
 
 def test_partial_freeze_layers_out_of_range(data, tmp_path, run_inprocess):
     out = tmp_path / "run"
-    code, so, se = run_inprocess(_base(data, out, method="partial", **{"method.freeze_layers": "99"}), tmp_path)
+    code, so, se = run_inprocess(
+        _base(data, out, method="partial", **{"method.freeze_layers": "99"}), tmp_path
+    )
     assert_clean_error(code, so, se, "method.freeze_layers", "0..2")
     assert not out.exists()
 
@@ -328,6 +351,18 @@ def test_validate_subprocess_good_recipe(data, tmp_path):
 
 def test_validate_subprocess_bad_recipe(data, tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"model: tiny-bert\ndata:\n  train: {data['train']}\n  colour: blue\n", encoding="utf-8")
+    recipe.write_text(
+        f"model: tiny-bert\ndata:\n  train: {data['train']}\n  colour: blue\n", encoding="utf-8"
+    )
     code, so, se = run_subprocess(["validate", str(recipe)], tmp_path)
     assert_clean_error(code, so, se, "data.colour", "unknown key")
+
+
+def test_train_stderr_has_no_library_noise(data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("x", encoding="utf-8")
+    code, _, se = run_subprocess(_base(data, out), tmp_path)
+    assert code == 2
+    assert se.strip().splitlines() == [se.strip()], se
+    assert se.startswith("error: ")

@@ -25,10 +25,26 @@ NEUTRAL = ["this is a {}", "the {} is on the table", "i saw a {} today", "there 
 THINGS = ["movie", "book", "meal", "song", "phone", "car"]
 
 PARITY_TEXTS = [
-    "i love this movie", "what a terrible book", "the meal is on the table", "best song ever",
-    "worst phone ever", "there is a car", "a really good meal", "a really bad song", "i saw a book today",
-    "the car was wonderful", "the phone was awful", "a movie exists", "what a great phone", "i hate this car",
-    "this is a song", "good", "the weather is cold and grey", "absolutely horrible", "a b c", "love love love",
+    "i love this movie",
+    "what a terrible book",
+    "the meal is on the table",
+    "best song ever",
+    "worst phone ever",
+    "there is a car",
+    "a really good meal",
+    "a really bad song",
+    "i saw a book today",
+    "the car was wonderful",
+    "the phone was awful",
+    "a movie exists",
+    "what a great phone",
+    "i hate this car",
+    "this is a song",
+    "good",
+    "the weather is cold and grey",
+    "absolutely horrible",
+    "a b c",
+    "love love love",
 ]
 
 
@@ -52,16 +68,31 @@ def write_csv(path: Path, header, rows, delimiter: str = ",") -> Path:
 
 def cli_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(TUNEFORGE_CACHE=str(CACHE), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        TUNEFORGE_CACHE=str(CACHE),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        # tiny models gain nothing from intra-op threads; on a shared 2-core machine they only contend
+        OMP_NUM_THREADS=os.environ.get("TUNEFORGE_TEST_THREADS", "1"),
+    )
     env.pop("TUNEFORGE_DEBUG", None)
     return env
 
 
 def cli(*args: str, cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "tuneforge", *args], cwd=cwd, env=cli_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuneforge", *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check:
-        assert proc.returncode == 0, f"tuneforge {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        assert proc.returncode == 0, (
+            f"tuneforge {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -78,8 +109,16 @@ def trained(workdir: Path) -> tuple[Path, subprocess.CompletedProcess]:
     """One tiny-bert run (bf16 autocast where the CPU has it, the default) with an explicit validation file."""
     run = workdir / "run"
     proc = cli(
-        "train", "model=tiny-bert", "data.train=train.csv", "data.validation=val.csv", f"output_dir={run}",
-        "train.max_steps=40", "train.batch_size=8", "train.lr=1e-2", "train.eval_steps=20", "train.log_steps=5",
+        "train",
+        "model=tiny-bert",
+        "data.train=train.csv",
+        "data.validation=val.csv",
+        f"output_dir={run}",
+        "train.max_steps=40",
+        "train.batch_size=8",
+        "train.lr=1e-2",
+        "train.eval_steps=20",
+        "train.log_steps=5",
         cwd=workdir,
     )
     return run, proc
@@ -207,7 +246,9 @@ def test_predict_file_to_jsonl_and_csv(trained, workdir):
         csv_rows = list(reader)
     assert len(csv_rows) == len(texts)
     for crow, jrow in zip(csv_rows, rows, strict=True):
-        _check_prediction({**crow, **{k: float(v) for k, v in crow.items() if k.startswith("p_")}}, jrow["text"])
+        _check_prediction(
+            {**crow, **{k: float(v) for k, v in crow.items() if k.startswith("p_")}}, jrow["text"]
+        )
         assert crow["label"] == jrow["label"]
 
 
@@ -290,10 +331,19 @@ def test_verb_help_subprocess(workdir):
 # --------------------------------------------------------------------------- data layouts
 
 
-def _short_train(workdir: Path, name: str, *overrides: str, quiet: bool = True) -> tuple[Path, subprocess.CompletedProcess]:
+def _short_train(
+    workdir: Path, name: str, *overrides: str, quiet: bool = True
+) -> tuple[Path, subprocess.CompletedProcess]:
     run = workdir / name
-    args = ["train", "model=tiny-bert", f"output_dir={run}", "train.max_steps=4", "train.batch_size=8",
-            "train.tensorboard=false", *overrides]
+    args = [
+        "train",
+        "model=tiny-bert",
+        f"output_dir={run}",
+        "train.max_steps=4",
+        "train.batch_size=8",
+        "train.tensorboard=false",
+        *overrides,
+    ]
     if quiet:
         args.append("--quiet")
     return run, cli(*args, cwd=workdir)
@@ -306,7 +356,11 @@ def test_integer_labels_sorted_numerically_and_quiet(workdir):
     run, proc = _short_train(workdir, "run-ints", "data.train=ints.csv")
     assert "%|" not in proc.stderr, proc.stderr  # --quiet: no progress bars
     assert "Traceback" not in proc.stderr
-    assert json.loads((run / "model" / "labels.json").read_text(encoding="utf-8"))["labels"] == ["1", "2", "10"]
+    assert json.loads((run / "model" / "labels.json").read_text(encoding="utf-8"))["labels"] == [
+        "1",
+        "2",
+        "10",
+    ]
     cfg = json.loads((run / "model" / "config.json").read_text(encoding="utf-8"))
     assert cfg["id2label"] == {"0": "1", "1": "2", "2": "10"}
     pred = json.loads(cli("predict", str(run), "a movie", cwd=workdir).stdout.splitlines()[0])
@@ -316,8 +370,15 @@ def test_integer_labels_sorted_numerically_and_quiet(workdir):
 def test_headerless_tsv_by_column_index(workdir):
     rows = [(y, t) for t, y in sentiment_rows(60)]
     write_csv(workdir / "nohdr.tsv", None, rows, delimiter="\t")
-    run, _ = _short_train(workdir, "run-tsv", "data.train=nohdr.tsv", "data.header=false", "data.text_column=1",
-                          "data.label_column=0", "data.format=tsv")
+    run, _ = _short_train(
+        workdir,
+        "run-tsv",
+        "data.train=nohdr.tsv",
+        "data.header=false",
+        "data.text_column=1",
+        "data.label_column=0",
+        "data.format=tsv",
+    )
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["splits"]["validation"]["labels"] == list(LABELS)
     # the saved recipe carries the layout, so eval reads the same kind of file without extra flags
@@ -327,16 +388,24 @@ def test_headerless_tsv_by_column_index(workdir):
 
 def test_sentence_pairs(workdir):
     rows = []
-    for i, (t, y) in enumerate(sentiment_rows(60)):
+    for i, (t, _y) in enumerate(sentiment_rows(60)):
         other = sentiment_rows(1, offset=i + 1)[0][0]
         rows.append((t, other, "same" if i % 2 else "different"))
     write_csv(workdir / "pairs.csv", ("premise", "hypothesis", "label"), rows)
-    run, _ = _short_train(workdir, "run-pairs", "data.train=pairs.csv", "data.text_column=premise",
-                          "data.text_pair_column=hypothesis")
+    run, _ = _short_train(
+        workdir,
+        "run-pairs",
+        "data.train=pairs.csv",
+        "data.text_column=premise",
+        "data.text_pair_column=hypothesis",
+    )
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["splits"]["validation"]["labels"] == ["different", "same"]
-    inp = write_csv(workdir / "pair_inputs.csv", ("premise", "hypothesis"), [("i love this movie", "a car"),
-                                                                            ("a book", "a book")])
+    inp = write_csv(
+        workdir / "pair_inputs.csv",
+        ("premise", "hypothesis"),
+        [("i love this movie", "a car"), ("a book", "a book")],
+    )
     out = workdir / "pair_preds.jsonl"
     cli("predict", str(run), "--input", str(inp), "--output", str(out), cwd=workdir)
     preds = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]

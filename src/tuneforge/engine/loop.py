@@ -11,6 +11,7 @@ at once. Either way the last written checkpoint is intact and ``--resume`` conti
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from tuneforge.engine.checkpoint import (
     save_checkpoint,
 )
 from tuneforge.engine.optim import build_optimizer, build_scheduler
-from tuneforge.errors import TrainingError
+from tuneforge.errors import ConfigError, TrainingError
 
 __all__ = ["FitResult", "Trainer", "steps_per_epoch"]
 
@@ -92,12 +93,14 @@ class Trainer:
         ckpt = latest_checkpoint(self.ckpt_root)
         if ckpt is None:
             return False
-        self.state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
-        if self.state.total_steps != self.total_steps:
-            raise TrainingError(
-                f"{ckpt} was written for {self.state.total_steps} total steps but this config gives "
-                f"{self.total_steps}; resume with the same train.* settings"
+        saved = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))["total_steps"]
+        if saved != self.total_steps:  # checked before touching any state
+            raise ConfigError(
+                f"{ckpt} was written for {saved} total steps but this config gives {self.total_steps}; "
+                "resume with the same train.* settings (epochs, max_steps, batch_size, grad_accum) and data",
+                key="train.max_steps",
             )
+        self.state = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
         return True
 
     # ------------------------------------------------------------------ main loop

@@ -14,8 +14,9 @@ class FrozenConfig(MethodConfig):
 
     name: Literal["frozen"] = "frozen"
     cache_features: bool = Field(True, description="compute backbone features once; later epochs skip the backbone")
-    # A linear head on fixed features tolerates (and needs) a much larger step than fine-tuning.
-    default_lr: ClassVar[float] = 2e-3
+    # A linear head on fixed features needs a much larger step than fine-tuning. Measured (MiniLM, 2,000
+    # SST-2 rows, 2 epochs, batch 16, 500 dev rows): lr 2e-3 -> 0.606 accuracy, lr 1e-2 -> 0.730.
+    default_lr: ClassVar[float] = 1e-2
 
     def check_run(self, run: Any) -> None:
         if run.train.layer_lr_decay is not None:
