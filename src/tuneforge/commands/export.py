@@ -1,0 +1,34 @@
+"""The ``merge`` verb: fold a trained run's method into a plain Hugging Face folder (see `tuneforge.export`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["register"]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def merge(
+        run_dir: Annotated[Path, typer.Argument(help="a run directory written by `tuneforge train`")],
+        out_dir: Annotated[Path, typer.Argument(help="where the merged run-like folder goes (OUT_DIR/model is plain HF)")],
+        export: Annotated[bool, typer.Option("--export", help="for methods that cannot merge (prefix, prompt...): "
+                                             "write a self-contained folder with a copy of the base model")] = False,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty OUT_DIR")] = False,
+    ) -> None:
+        """Merge LoRA / DoRA / IA3 / QLoRA weights into the base model: OUT_DIR/model loads in plain transformers."""
+        from tuneforge.export import merge_run
+
+        res = merge_run(run_dir, out_dir, export=export, overwrite=overwrite)
+        model = res.out_dir / "model"
+        if res.kind == "merged":
+            typer.echo(f"merged '{res.method}' into {model} (merged vs unmerged logits on a probe batch: max "
+                       f"|diff| {res.max_abs_diff:.2e}); it loads with transformers alone (from_pretrained)")
+        elif res.kind == "copied":
+            typer.echo(f"method '{res.method}' saves plain weights already; copied to {model}")
+        else:
+            typer.echo(f"exported '{res.method}' with a copy of its base model to {res.out_dir} "
+                       f"(tuneforge predict/eval {res.out_dir} ...)")

@@ -1,0 +1,216 @@
+"""Plumbing shared by the methods that wrap Hugging Face `peft` (lora, qlora, ia3, prefix, ptuning_v2, prompt).
+
+peft owns the layers (LoRA/DoRA/IA3 injection, prefix key/values, soft prompts), their save format and
+merge; this module decides *where* they go on any HF model, from outside the model code:
+
+* the task head (``ctx.head_names``: the classifier/score outside the base model plus weights the
+  checkpoint did not provide, e.g. a fresh BERT pooler) is fully trained via peft ``modules_to_save``;
+* target modules are resolved to exact module paths among the backbone's linear layers (``nn.Linear`` and
+  GPT-2's ``Conv1D``), never inside the head, so short names such as ``dense`` cannot catch a pooler or a
+  RoBERTa head; unknown names fail with the list of the model's linear module names;
+* the peft task type follows the model class (``*ForSequenceClassification`` -> SEQ_CLS, ...), so later
+  objectives get the right peft wrapper without touching the methods.
+
+Saving writes a standard peft adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, head
+weights included) that plain ``peft.PeftModel.from_pretrained(base, folder)`` loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuneforge.errors import ConfigError
+from tuneforge.methods.base import MethodContext
+
+# bitsandbytes (imported by peft when installed) warns at import that an optional GPU-kernel package is
+# missing; its CPU fallback is what we use, so the warning is noise on every command.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+# peft still calls transformers' deprecated ``is_gradient_checkpointing``; the warning is not actionable here.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+__all__ = [
+    "head_modules",
+    "linear_modules",
+    "load_adapter",
+    "merge_peft",
+    "resolve_targets",
+    "save_adapter",
+    "task_type",
+    "wrap",
+    "wrap_prompt_learning",
+]
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+# Model-class suffix -> peft TaskType name. Objectives added later extend this by their head class.
+_TASK_TYPES = (
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+)
+
+
+def task_type(model: nn.Module) -> str | None:
+    """The peft task type matching ``model``'s head class, or None (plain `PeftModel`)."""
+    name = type(model).__name__
+    for suffix, tt in _TASK_TYPES:
+        if name.endswith(suffix):
+            if tt == "SEQ_2_SEQ_LM" and not getattr(model.config, "is_encoder_decoder", False):
+                continue
+            return tt
+    return None
+
+
+def head_modules(model: nn.Module, head_names: Iterable[str]) -> list[str]:
+    """Module paths to train whole (peft ``modules_to_save``) for the head parameters ``head_names``.
+
+    Parameters outside the base model (``classifier.*``, ``score.*``) give their top-level module; weights
+    inside it that the checkpoint lacked (``bert.pooler.dense.weight``) give their owning module.
+    """
+    prefix = getattr(model, "base_model_prefix", "")
+    out: set[str] = set()
+    for name in head_names:
+        if prefix and name.startswith(prefix + "."):
+            out.add(name.rsplit(".", 1)[0])
+        else:
+            out.add(name.split(".", 1)[0])
+    # a module nested in another head module is covered by its ancestor
+    return sorted(m for m in out if not any(m != o and m.startswith(o + ".") for o in out))
+
+
+def _inside(name: str, roots: Iterable[str]) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in roots)
+
+
+def linear_modules(model: nn.Module, exclude: Iterable[str] = ()) -> dict[str, nn.Module]:
+    """Linear layers (``nn.Linear``, GPT-2 ``Conv1D``, bitsandbytes 4-bit) by path, outside ``exclude`` and
+    other than the LM output layer (tied to the embeddings in many decoders; adapting it is not LoRA's job)."""
+    from transformers.pytorch_utils import Conv1D
+
+    kinds: tuple[type, ...] = (nn.Linear, Conv1D)
+    try:  # the 4-bit layers of qlora subclass nn.Linear already; listed for clarity when present
+        import bitsandbytes as bnb
+
+        kinds += (bnb.nn.Linear4bit,)
+    except ImportError:
+        pass
+    exclude = list(exclude)
+    get_out = getattr(model, "get_output_embeddings", None)
+    lm_out = get_out() if callable(get_out) else None
+    return {n: m for n, m in model.named_modules()
+            if isinstance(m, kinds) and n and m is not lm_out and not _inside(n, exclude)}
+
+
+def _matches(path: str, name: str) -> bool:
+    return path == name or path.endswith("." + name)
+
+
+def resolve_targets(
+    model: nn.Module, wanted: list[str] | str | None, defaults: dict[str, list[str]], exclude: Iterable[str],
+    key: str = "method.target_modules",
+) -> list[str]:
+    """Exact module paths for the requested targets: names or dotted suffixes (``!name`` removes matches),
+    or "all-linear" (every linear layer outside ``exclude``).
+
+    ``None`` takes ``defaults[model_type]``. Raises `ConfigError` at ``key`` listing the model's linear
+    module names when a name matches nothing or the architecture has no default.
+    """
+    linear = linear_modules(model, exclude)
+    short = sorted({n.rsplit(".", 1)[-1] for n in linear})
+    model_type = getattr(model.config, "model_type", "?")
+    if wanted is None:
+        wanted = defaults.get(model_type)
+        if wanted is None:
+            raise ConfigError(f"no default target modules for architecture '{model_type}'; set {key} to some of: "
+                              f"{', '.join(short)} (or all-linear)", key=key)
+    if wanted == "all-linear":
+        if not linear:
+            raise ConfigError(f"the '{model_type}' model has no linear layers outside its head", key=key)
+        return sorted(linear)
+    keep = [w for w in wanted if not w.startswith("!")]
+    drop = [w[1:] for w in wanted if w.startswith("!")]
+    unknown = [w for w in keep + drop if not any(_matches(n, w) for n in linear)]
+    if unknown:
+        raise ConfigError(f"no linear module named {', '.join(repr(u) for u in unknown)} in this '{model_type}' "
+                          f"model; its linear modules are: {', '.join(short)} (a dotted suffix such as "
+                          "'output.dense' narrows a name; or all-linear)", key=key)
+    found = sorted(n for n in linear if any(_matches(n, w) for w in keep) and not any(_matches(n, w) for w in drop))
+    if not found:
+        raise ConfigError(f"{', '.join(wanted)} selects no module", key=key)
+    return found
+
+
+def wrap(model: nn.Module, peft_config: Any, ctx: MethodContext) -> nn.Module:
+    """``get_peft_model`` + the head names of the wrapped model written back into ``ctx`` (for LR groups)."""
+    from peft import get_peft_model
+
+    wrapped = get_peft_model(model, peft_config)
+    ctx.head_names = {n for n, p in wrapped.named_parameters() if p.requires_grad and ".modules_to_save." in n}
+    return wrapped
+
+
+def wrap_prompt_learning(model: nn.Module, make_config: Any, ctx: MethodContext, method: str) -> nn.Module:
+    """Wrap with a prompt-learning peft config built by ``make_config(task_type, modules_to_save)``.
+
+    Whether peft can feed prefixes or soft prompts through a model depends on the model's forward (cache
+    format, ``inputs_embeds`` support), so one tiny forward pass checks it here and turns a failure into a
+    `ConfigError` naming the architecture, before any training step.
+    """
+    tt = task_type(model)
+    if tt is None:
+        raise ConfigError(f"method '{method}' needs a model class peft has a prompt-learning wrapper for "
+                          f"(sequence/token classification, QA, causal or seq2seq LM); got {type(model).__name__}",
+                          key="method")
+    pc = make_config(tt, head_modules(model, ctx.head_names) or None)
+    try:
+        wrapped = wrap(model, pc, ctx)
+        _probe(wrapped, tt)
+    except ConfigError:
+        raise
+    except Exception as e:  # peft/transformers raise assorted errors for unsupported architectures
+        model_type = getattr(model.config, "model_type", "?")
+        raise ConfigError(f"method '{method}' does not work with the '{model_type}' architecture "
+                          f"({type(model).__name__}): {type(e).__name__}: {e}", key="method") from None
+    return wrapped
+
+
+def _probe(model: nn.Module, tt: str) -> None:
+    was_training = model.training
+    model.eval()
+    ids = torch.tensor([[1, 2, 3]])
+    extra = {"decoder_input_ids": torch.zeros((1, 1), dtype=torch.long)} if tt == "SEQ_2_SEQ_LM" else {}
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra)
+    model.train(was_training)
+
+
+def save_adapter(model: nn.Module, folder: Path) -> int:
+    """Write the peft adapter folder (adapter weights + head weights); prints and returns the weights' size."""
+    model.save_pretrained(folder)
+    size = (Path(folder) / ADAPTER_WEIGHTS).stat().st_size
+    print(f"saved adapter weights: {size / 1024:,.1f} KiB ({ADAPTER_WEIGHTS}, head included)", flush=True)
+    return size
+
+
+def load_adapter(base: nn.Module, folder: Path, **kwargs: Any) -> nn.Module:
+    """``PeftModel.from_pretrained`` in inference mode (the inverse of `save_adapter`)."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, folder, **kwargs).eval()
+
+
+def merge_peft(model: nn.Module) -> nn.Module:
+    """Fold the adapter into the base weights; returns the plain transformers model (heads unwrapped)."""
+    with torch.no_grad():
+        return model.merge_and_unload()

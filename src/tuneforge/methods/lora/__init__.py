@@ -1,0 +1,1 @@
+"""LoRA (Hu et al. 2021) with rsLoRA and DoRA options, via peft."""

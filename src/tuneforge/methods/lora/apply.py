@@ -1,0 +1,75 @@
+"""LoRA (Hu et al. 2021) / rsLoRA (Kalajdzievski 2023) / DoRA (Liu et al. 2024) runtime: a thin wrapper
+over peft's ``LoraConfig`` + ``get_peft_model``.
+
+Targets resolve to exact module paths of the backbone (see `methods._peft`), the head trains whole via
+``modules_to_save``, and the saved folder is a standard peft adapter folder. Merge folds ``(alpha/r)·BA``
+(or DoRA's rescaled weight) into the base weights with peft's ``merge_and_unload``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tuneforge.config.schema import RunConfig
+from tuneforge.methods._peft import (
+    head_modules,
+    linear_modules,
+    load_adapter,
+    merge_peft,
+    resolve_targets,
+    save_adapter,
+    task_type,
+    wrap,
+)
+from tuneforge.methods.base import MethodContext
+from tuneforge.methods.lora.config import DEFAULT_TARGETS
+
+__all__ = ["apply", "default_targets", "load", "merge", "peft_lora_config", "save"]
+
+
+def default_targets() -> dict[str, list[str]]:
+    """Our per-architecture defaults over peft's table (for architectures we do not list)."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TABLE
+
+    return {**PEFT_TABLE, **DEFAULT_TARGETS}
+
+
+def peft_lora_config(model: nn.Module, cfg: Any, ctx: MethodContext) -> Any:
+    """The peft ``LoraConfig`` for ``model`` and our method options ``cfg`` (lora or qlora)."""
+    import peft
+    from transformers.pytorch_utils import Conv1D
+
+    heads = head_modules(model, ctx.head_names)
+    targets = resolve_targets(model, cfg.target_modules, default_targets(), heads)
+    linear = linear_modules(model, heads)
+    return peft.LoraConfig(
+        task_type=task_type(model),
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=targets,
+        # GPT-2's Conv1D stores weights as (in, out); peft needs to be told rather than warn and guess
+        fan_in_fan_out=all(isinstance(linear[t], Conv1D) for t in targets),
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
+        modules_to_save=heads or None,
+    )
+
+
+def apply(model: nn.Module, run: RunConfig, ctx: MethodContext) -> nn.Module:
+    return wrap(model, peft_lora_config(model, run.method, ctx), ctx)
+
+
+def save(model: nn.Module, folder: Path) -> None:
+    save_adapter(model, folder)
+
+
+def load(base_model: nn.Module, folder: Path, method_cfg: Any) -> nn.Module:
+    return load_adapter(base_model, folder)
+
+
+def merge(model: nn.Module) -> nn.Module:
+    return merge_peft(model)

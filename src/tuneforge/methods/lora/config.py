@@ -1,0 +1,80 @@
+"""Config of LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685),
+with the rsLoRA scaling (Kalajdzievski 2023, arXiv:2312.03732) and DoRA (Liu et al. 2024,
+"DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353) as options.
+
+No torch import here: recipes validate without loading the runtime.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from tuneforge.config.schema import MethodConfig
+
+__all__ = ["DEFAULT_TARGETS", "LoraConfig", "parse_targets"]
+
+#: Default LoRA targets by HF ``model_type`` (attention query and value, as in the LoRA paper). Other
+#: architectures fall back to peft's table; with neither, ``method.target_modules`` must be set.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "t5": ["q", "v"],
+}
+
+_NAME = re.compile(r"^!?[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+
+
+def parse_targets(v: Any) -> Any:
+    """``"query,value"`` -> ``["query", "value"]``; ``"all-linear"`` and lists pass; names are checked.
+
+    A name matches a module path equal to it or ending with ``.name``; ``!name`` removes such matches
+    (e.g. ``[output.dense, "!attention.output.dense"]`` is BERT's feed-forward output only).
+    """
+    if isinstance(v, str) and v != "all-linear":
+        v = [s.strip() for s in v.split(",") if s.strip()]
+    if isinstance(v, list):
+        if not v:
+            raise ValueError("give at least one module name, 'all-linear', or null for the architecture's default")
+        bad = [s for s in v if not isinstance(s, str) or not _NAME.match(s)]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a module name (e.g. query, q_proj, output.dense) or 'all-linear'")
+    return v
+
+
+class LoraConfig(MethodConfig):
+    """Low-rank updates ``W + (alpha / r) · B A`` on chosen linear layers; the head trains fully.
+
+    Options: ``r`` (rank), ``alpha`` (scale numerator), ``dropout`` (on the LoRA input), ``target_modules``
+    (names or dotted suffixes of linear modules, ``all-linear`` for every linear layer of the backbone, or
+    null for the architecture default: BERT/RoBERTa query,value; Llama q_proj,v_proj; GPT-2 c_attn; T5 q,v),
+    ``use_rslora`` (scale ``alpha / sqrt(r)`` instead of ``alpha / r``), ``use_dora`` (DoRA: a learned
+    per-column magnitude times the normalised direction ``W + BA``).
+
+    Default learning rate 2e-3, from measurement (MiniLM-L6, 4,000 SST-2 rows, 1 epoch, batch 32, 1,000 dev
+    rows, peft + HF Trainer): LoRA r=8 on query/value reached 75.2% dev accuracy at 5e-4 and 86.7% at 2e-3,
+    equal to full fine-tuning at 5e-5 (86.7%); r=16 on all linear layers at 1e-3 gave 86.3%.
+    """
+
+    name: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, le=1024, description="rank of the update")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: the update is multiplied by alpha/r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the input of the LoRA branch")
+    target_modules: list[str] | Literal["all-linear"] | None = Field(
+        None, description="linear modules to adapt: names/dotted suffixes, 'all-linear', or null = per-architecture default"
+    )
+    use_rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(r) (rsLoRA)")
+    use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA): learned magnitude + LoRA direction")
+    default_lr: ClassVar[float] = 2e-3
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _targets(cls, v: Any) -> Any:
+        return parse_targets(v)

@@ -1,0 +1,156 @@
+"""What the causal-LM objectives (``clm``, ``sft``) share: loading, the loss, evaluation and checks.
+
+Both train ``AutoModelForCausalLM`` on rows of ``input_ids`` / ``labels`` (``-100`` = no loss), optionally
+packed with ``position_ids`` (see `data.packing`). The loss is the mean next-token NLL over the
+supervised tokens of a micro-batch; evaluation sums NLL and token counts over the whole split, so its
+``loss`` (and ``perplexity = exp(loss)``) is token-weighted and independent of batching and packing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuneforge.config.schema import RunConfig
+from tuneforge.data.batching import Batches
+from tuneforge.errors import ConfigError
+from tuneforge.eval.lm import perplexity, shifted_nll
+from tuneforge.objectives.base import Built
+
+__all__ = [
+    "VIRTUAL_TOKEN_METHODS",
+    "check_decoder",
+    "check_lm_method",
+    "check_packed_attention",
+    "evaluate_lm",
+    "forward_nll",
+    "lm_loss",
+    "load_causal_lm",
+    "saved_causal_lm",
+]
+
+
+#: Methods that give every sequence shared virtual tokens or past key/values, which a packed row cannot
+#: give to each of its documents (the packing check at the first training step catches any others).
+VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt", "ptuning_v2"})
+
+
+def check_lm_method(run: Any) -> None:
+    """Cross-field checks (run from the task config): no 'frozen', no document packing with virtual tokens."""
+    if run.method.name == "frozen":
+        raise ValueError(
+            f"method.name 'frozen' trains only a task head on cached features, and task '{run.task.name}' has "
+            "none (the LM head is the pretrained output layer); use full, partial or a PEFT method"
+        )
+    if getattr(run.task, "packing", None) == "documents" and run.method.name in VIRTUAL_TOKEN_METHODS:
+        other = "blocks" if run.task.name == "clm" else "none"
+        raise ValueError(
+            f"task.packing 'documents' cannot keep packed documents apart under method '{run.method.name}' (its "
+            f"virtual tokens belong to the whole row); use task.packing={other}"
+        )
+
+
+def check_decoder(run: RunConfig) -> Path:
+    """The model folder, after checking it is a decoder (read from config.json, no weights loaded)."""
+    from tuneforge.models.registry import model_family, resolve_model
+
+    path = resolve_model(run.model.name)
+    family = model_family(path)
+    if family != "decoder":
+        raise ConfigError(f"task '{run.task.name}' trains a causal language model; '{run.model.name}' is an "
+                          f"{family} model (use a decoder such as smollm2-135m, tiny-llama or tiny-gpt2)", key="model")
+    return path
+
+
+def load_causal_lm(run: RunConfig, model_path: Path, *, packed: bool) -> Built:
+    """``AutoModelForCausalLM`` + tokenizer (pad = EOS when the tokenizer has no pad token), fp32 weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model, info = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=torch.float32, attn_implementation=run.model.attn_implementation, output_loading_info=True,
+    )
+    if packed:
+        check_packed_attention(model, run.model.name)
+    return Built(model, tokenizer, sorted(info.get("missing_keys", [])))
+
+
+def saved_causal_lm(model_dir: Path) -> Built:
+    """A trained (or any) causal-LM folder, whatever method wrote it (see `methods.saved`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.methods.saved import load_trained
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_trained(AutoModelForCausalLM, model_dir, dtype=torch.float32)
+    return Built(model.eval(), tokenizer)
+
+
+@torch.no_grad()
+def check_packed_attention(model: nn.Module, name: str) -> None:
+    """Refuse document packing when ``model`` lets a packed document attend to the one before it.
+
+    transformers isolates packed sequences from restarting ``position_ids`` for architectures built on
+    ``masking_utils.create_causal_mask``; older modelling code ignores them. Six tokens decide it.
+    """
+    was_training = model.training
+    model.eval()
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.arange(1, 7).remainder(vocab)[None]
+    with torch.autocast("cpu", enabled=False):  # fp32: bf16 noise would blur the comparison
+        # [-3:]: methods that prepend virtual tokens (prompt tuning) return logits for those too
+        alone = model(input_ids=ids[:, 3:], use_cache=False).logits[:, -3:]
+        packed = model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), use_cache=False).logits[:, -3:]
+    model.train(was_training)
+    # Kernels differ between the two calls (~1e-5 relative); a leak changes logits by O(their scale).
+    scale = float(alone.abs().max())
+    if float((alone - packed).abs().max()) > 1e-3 * scale + 1e-5:
+        raise ConfigError(f"model '{name}' ({type(model).__name__}) does not keep packed documents apart through "
+                          "position_ids; use task.packing=blocks or none", key="task.packing")
+
+
+def forward_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token NLL, scored tokens) of one batch.
+
+    Packed rows carry ``position_ids`` and no attention mask, which is what makes transformers build a
+    per-document causal mask; ``use_cache=False`` is required for that detection (and saves memory).
+    """
+    inputs = {"input_ids": batch["input_ids"]}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    elif "attention_mask" in batch:
+        inputs["attention_mask"] = batch["attention_mask"]
+    logits = model(**inputs, use_cache=False).logits
+    labels = batch["labels"]
+    # prompt tuning prepends virtual tokens: their logits come first and have no labels
+    return shifted_nll(logits[:, logits.shape[1] - labels.shape[1] :], labels)
+
+
+def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token NLL over the supervised tokens of ``batch`` (0 when it has none)."""
+    total, count = forward_nll(model, batch)
+    return total / count.clamp(min=1)
+
+
+def evaluate_lm(model: nn.Module, data: Batches, *, batch_size: int, autocast: Callable[[], Any]) -> dict[str, Any]:
+    """Token-weighted ``loss`` (mean NLL), ``perplexity`` and the number of scored ``tokens``."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode(), autocast():
+        for indices in data.plan(0, batch_size, seed=0, shuffle=False):
+            nll, n = forward_nll(model, data.collate(indices))
+            total, count = total + float(nll), count + int(n)
+    model.train(was_training)
+    if count == 0:
+        raise ConfigError("the evaluation data has no tokens to score (all empty or cut off by data.max_length)")
+    mean = total / count
+    return {"loss": mean, "perplexity": perplexity(mean), "tokens": count}
