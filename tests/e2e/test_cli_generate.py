@@ -82,3 +82,24 @@ def test_eval_of_a_registry_model_and_errors(sft_run) -> None:
     assert isinstance(err.exception, ConfigError) and "allowed: max_new_tokens" in str(err.exception)
     err = runner.invoke(app, ["predict", str(run_dir), "hello"])
     assert isinstance(err.exception, ConfigError) and "tuneforge generate" in str(err.exception)
+
+
+def test_merged_run_generates_the_same_in_plain_transformers(sft_run, tmp_path: Path) -> None:
+    if "lora" not in METHODS:
+        pytest.skip("method lora is not registered")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.export import merge_run
+
+    run_dir, _ = sft_run
+    merge_run(run_dir, tmp_path / "merged")
+    folder = tmp_path / "merged" / "model"
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    msgs = [{"role": "system", "content": "Answer twice."}, {"role": "user", "content": "say sun"}]
+    enc = tok.apply_chat_template(msgs, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    plain = model.generate(**enc, max_new_tokens=6, do_sample=False)[0, enc["input_ids"].shape[1]:]
+    loaded = load_model(run_dir)
+    ours = generate(loaded.model, loaded.tokenizer, ["say sun"], GenerationOptions(max_new_tokens=6), chat=True,
+                    system_prompt=loaded.system_prompt)
+    assert ours == [tok.decode(plain, skip_special_tokens=True)]

@@ -70,9 +70,34 @@ def test_eval_perplexity_of_the_registry_model(smollm2: Path, tmp_path: Path) ->
     from tuneforge.cli import app
 
     text = tmp_path / "t.txt"
-    text.write_text("The cat sat on the mat.\nPlants need water and light to grow.\n", encoding="utf-8")
+    text.write_text("Plants need water, sunlight and air to grow. Their roots take water and minerals from the soil, "
+                    "and their leaves use sunlight to turn carbon dioxide and water into sugar and oxygen. This process "
+                    "is called photosynthesis, and it feeds almost every living thing on Earth.\n", encoding="utf-8")
     out = CliRunner().invoke(app, ["eval", "smollm2-135m", "--data", str(text), "task=clm", "--json"])
     assert out.exit_code == 0, out.output
     metrics = json.loads(out.output)
-    assert 1.0 < metrics["perplexity"] < 200.0  # an English-trained model on plain English
-    assert metrics["tokens"] >= 15
+    assert 1.0 < metrics["perplexity"] < 30.0, metrics  # an English-trained model on plain English
+    assert metrics["tokens"] >= 50
+
+
+@pytest.mark.slow
+def test_short_lora_clm_run_on_shakespeare_lowers_perplexity(smollm2: Path, shared_data: Path, tmp_path: Path) -> None:
+    """A small version of recipes/shakespeare-clm.yaml (several minutes on 2 cores): 8 LoRA steps lower the
+    held-out perplexity by more than 10% from the base model's, measured on the same speeches."""
+    from tuneforge.config import load_config
+    from tuneforge.inference import evaluate_file
+    from tuneforge.pipeline import train
+
+    cfg = load_config(Path(__file__).resolve().parents[2] / "recipes" / "shakespeare-clm.yaml", [
+        f"data.train={shared_data / 'text' / 'tinyshakespeare.txt'}", "data.max_eval_samples=60",
+        "train.max_steps=8", "train.batch_size=4", "train.tensorboard=false", f"output_dir={tmp_path / 'run'}"])
+    res = train(cfg, quiet=True)
+    val = tmp_path / "val.txt"
+    from tuneforge.objectives import get_objective
+
+    held_out = get_objective(cfg).load_data(cfg).splits["validation"].texts
+    val.write_text("\n\n".join(held_out) + "\n", encoding="utf-8")
+    base = evaluate_file(Path("smollm2-135m"), val, ["task=clm", "task.txt_unit=paragraph", "data.max_length=256"])
+    tuned = res.metrics["splits"]["validation"]
+    assert tuned["tokens"] == base["tokens"]
+    assert tuned["perplexity"] < 0.9 * base["perplexity"]

@@ -34,7 +34,7 @@ from tuneforge.engine import (
 )
 from tuneforge.engine.checkpoint import latest_checkpoint, list_checkpoints, load_trainable
 from tuneforge.engine.loop import Trainer, steps_per_epoch
-from tuneforge.errors import TrainingError
+from tuneforge.errors import ConfigError, TrainingError
 from tuneforge.models import resolve_model
 from tuneforge.models.anatomy import head_parameter_names, num_layers
 from tuneforge.objectives.classification import ClassificationObjective
@@ -563,5 +563,6 @@ def test_resume_refuses_different_budget(tmp_path: Path) -> None:
     first = _toy_trainer(tmp_path, data, batch_size=4, max_steps=4, save_steps=2)
     first.fit()
     other = _toy_trainer(tmp_path, data, batch_size=4, max_steps=6, save_steps=2)
-    with pytest.raises(TrainingError, match="total steps"):
+    with pytest.raises(ConfigError, match="total steps") as err:
         other.resume()
+    assert err.value.key == "train.max_steps" and err.value.exit_code == 2

@@ -202,6 +202,8 @@ def resolve_template(tokenizer: Any, name: str) -> tuple[str, str]:
     """(Jinja template, what it is): ``auto`` = the tokenizer's own, else alpaca; or a named template."""
     if name == "auto":
         own = tokenizer.chat_template
+        if isinstance(own, dict):  # several named templates: the default one
+            own = own.get("default")
         if isinstance(own, str) and own:
             return own, "the tokenizer's chat template"
         return TEMPLATES["alpaca"], "alpaca (the tokenizer has no chat template)"

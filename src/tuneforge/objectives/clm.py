@@ -141,6 +141,13 @@ class ClmObjective:
     evaluates_base_models = True  # `tuneforge eval smollm2-135m --data F task=...` scores the model as it is
     pretrained_head = True  # lm_head is pretrained: methods (LoRA, BitFit...) must not train it whole
 
+    @property
+    def model_class(self) -> Any:
+        """The transformers class that loads the saved model (used by `tuneforge merge`)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
     def __init__(self, run: RunConfig):
         self.run = run
         self.notes: list[str] = []
@@ -225,13 +232,14 @@ class ClmObjective:
         return read_documents(self.run, path)
 
     def report_samples(self, model: nn.Module, tokenizer: Any) -> list[dict[str, Any]]:
-        """Greedy continuations of the first 32 tokens of three held-out documents."""
+        """Greedy continuations of the first half (at most 32 tokens) of three held-out documents."""
         from tuneforge.generation import GenerationOptions, generate
 
         if self._samples is None:
             return []
-        heads = [tokenizer(t, add_special_tokens=False)["input_ids"][:32] for t in self._samples.texts]
-        prompts = [tokenizer.decode(h) for h in heads if len(h) >= 4][:3]
+        # a whole short document as the prompt would be answered by EOS, which is what training teaches
+        heads = [tokenizer(t[:2000], add_special_tokens=False)["input_ids"] for t in self._samples.texts[:50]]
+        prompts = [tokenizer.decode(h[: min(32, len(h) // 2)]) for h in heads if len(h) >= 12][:3]
         opts = GenerationOptions(max_new_tokens=48, repetition_penalty=1.2)
         return [{"prompt": p, "generation": g} for p, g in zip(prompts, generate(model, tokenizer, prompts, opts), strict=True)]
 

@@ -69,6 +69,13 @@ class SftObjective:
     evaluates_base_models = True  # `tuneforge eval smollm2-135m --data F task=...` scores the model as it is
     pretrained_head = True  # lm_head is pretrained: methods (LoRA, BitFit...) must not train it whole
 
+    @property
+    def model_class(self) -> Any:
+        """The transformers class that loads the saved model (used by `tuneforge merge`)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
     def __init__(self, run: RunConfig):
         self.run = run
         self.notes: list[str] = []
