@@ -56,7 +56,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
-            out[name] = p.detach().contiguous().clone()
+            out[name] = p.detach().contiguous()  # no copy: safetensors writes it out right away
     return out
 
 
