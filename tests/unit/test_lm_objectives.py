@@ -155,6 +155,6 @@ def test_every_method_trains_sft_and_generates(tmp_path: Path, chat_file: Path, 
 
 @pytest.mark.parametrize("method", sorted({"prefix", "prompt", "ptuning_v2"}))
 def test_document_packing_is_refused_with_virtual_token_methods(method: str) -> None:
-    with pytest.raises(ConfigError, match="use task.packing=none") as err:
+    with pytest.raises(ConfigError, match=r"use task\.packing=none") as err:
         load_config(None, ["task=sft", "task.packing=documents", f"method={method}"])
     assert err.value.key == "task.packing"
