@@ -105,6 +105,6 @@ class Forgetting:
 def _fmt(value: float | None, signed: bool = False) -> str:
     if value is None:
         return "n/a"
-    if float(value).is_integer() and abs(value) >= 1000:
+    if float(value).is_integer():  # counts (tokens scored), or a change of exactly zero
         return f"{int(value):+,}" if signed else f"{int(value):,}"
     return f"{value:+.4f}" if signed else f"{value:.4f}"
