@@ -105,15 +105,13 @@ def write_predictions(rows: list[dict[str, Any]], output: Path) -> None:
 
 def validate_run(run: RunConfig) -> str:
     """Check config, model and data as `train` would, without loading weights; returns a summary."""
-    from transformers import AutoConfig
-
     from tuneforge.models.anatomy import num_layers
-    from tuneforge.models.registry import resolve_model
+    from tuneforge.models.scratch import describe, model_source
 
     objective = get_objective(run)
-    path = resolve_model(run.model.name)
-    n_layers = num_layers(AutoConfig.from_pretrained(path))
-    lines = [f"config ok: task={run.task.name} method={run.method.name} model={run.model.name} ({n_layers} layers)"]
+    _, model_config = model_source(run)  # a registry/local model, or a scratch model's config
+    n_layers = num_layers(model_config)
+    lines = [f"config ok: task={run.task.name} method={run.method.name} model={describe(run)} ({n_layers} layers)"]
     run.method.check_model(n_layers)
     if run.data.train is not None:
         data = objective.load_data(run)

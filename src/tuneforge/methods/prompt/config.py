@@ -24,7 +24,10 @@ class PromptConfig(MethodConfig):
     e.g. a task description). Works with encoder and
     decoder classifiers; refused for T5 classification (transformers' T5 classifier takes no input embeddings).
 
-    Default learning rate 3e-2 (see the measurement note in the method's README paragraph).
+    Default learning rate 3e-2. Measured with `tuneforge train` (MiniLM-L6, 1,000 SST-2 training rows, 1 epoch at batch 16 (63 steps), 300 dev rows, majority 55.7%), prompt tuning stays within noise
+    of the majority class at every rate tried: 57.0% at 3e-2 (56.3% with init=vocab), 55.7% at 1e-1, 58.0%
+    at 3e-1; as the paper reports, it needs large models or long training to compete. 3e-2 is the rate
+    that keeps AdamW steps small relative to embedding norms (the paper's 0.3 is with Adafactor).
     """
 
     name: Literal["prompt"] = "prompt"

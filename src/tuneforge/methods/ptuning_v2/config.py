@@ -23,9 +23,10 @@ class PtuningV2Config(MethodConfig):
     reparameterisation) on the model's own classification head; the paper uses prompt length 20 for simple
     classification tasks, our default. Same architecture support as ``prefix``.
 
-    Default learning rate 1e-2 (see the measurement note in the method's README paragraph).
+    Default learning rate 3e-2, measured with `tuneforge train` (MiniLM-L6, 1,000 SST-2 training rows, 1 epoch at batch 16 (63 steps), 300 dev rows, majority 55.7%): dev accuracy 64.0% at 1e-2,
+    79.3% at 3e-2, 55.7% (majority) at 1e-1.
     """
 
     name: Literal["ptuning_v2"] = "ptuning_v2"
     num_virtual_tokens: int = Field(20, ge=1, le=512, description="prompt length per layer")
-    default_lr: ClassVar[float] = 1e-2
+    default_lr: ClassVar[float] = 3e-2
