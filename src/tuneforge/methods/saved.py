@@ -63,6 +63,8 @@ def load_trained(model_cls: Any, folder: Path, **kwargs: Any) -> nn.Module:
     if manifest is None:
         return model_cls.from_pretrained(folder, **kwargs)
     base_path = Path(manifest["base_model"])
+    if not base_path.is_absolute():  # exports point at a copy inside themselves: keep them relocatable
+        base_path = folder / base_path
     if not (base_path / "config.json").is_file():
         raise ConfigError(f"{folder} holds '{manifest['method']}' weights for the base model {base_path}, "
                           "which is no longer there; `tuneforge merge` or an exported folder is self-contained")
