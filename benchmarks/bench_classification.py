@@ -13,7 +13,7 @@ Headline throughput = training samples / wall time of the training loop (every b
 collation, forward, backward, clipping, optimizer and scheduler step, per-step bookkeeping; not model
 loading, tokenization, evaluation or checkpointing). See benchmarks/README.md for all definitions.
 
-    python benchmarks/bench_classification.py [--train-rows 2000] [--dev-rows 872] [--steps N] [--batch-size 32]
+    python benchmarks/bench_classification.py [--train-rows 8000] [--dev-rows 872] [--steps N] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def report(a: argparse.Namespace, res: dict, peak: dict) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train-rows", type=int, default=2000)
+    p.add_argument("--train-rows", type=int, default=8000)
     p.add_argument("--dev-rows", type=int, default=872)
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1 epoch)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -285,7 +285,7 @@ def main() -> None:
         print(json.dumps(out))
         return
     load = os.getloadavg()[0]
-    print(f"load average (1 min) at start: {load:.2f}" + ("  WARNING: machine busy, numbers may be off" if load > 0.5 else ""))
+    print(f"load average (1 min) at start: {load:.2f}" + ("  WARNING: machine busy, numbers may be off" if load > 1.5 else ""))
     with tempfile.TemporaryDirectory(prefix="tf-bench-") as tmp:
         work = Path(tmp)
         a.train_rows = write_subset(DATA / "train.tsv", work / "train.tsv", a.train_rows, a.seed)
