@@ -132,3 +132,31 @@ def test_packing_check_accepts_llama_and_refuses_a_model_that_ignores_positions(
 
     with pytest.raises(ConfigError, match=r"task\.packing"):
         check_packed_attention(Leaky(), "leaky")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_output_layer_on_scored_positions_only_gives_the_same_loss_and_gradients(name: str) -> None:
+    """forward_nll projects only the positions that predict a supervised token; loss and gradients must
+    equal the full-logits computation (and the hook must really have shrunk the logits)."""
+    model = _model(name)  # eval mode: no dropout, so both forwards are deterministic
+    torch.manual_seed(0)
+    ids = torch.randint(3, 900, (3, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100  # prompt
+    labels[1, 9:] = -100  # padding
+    batch = {"input_ids": ids, "labels": labels}
+    seen: list[tuple[int, ...]] = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: seen.append(tuple(out.shape)))
+    total, count = forward_nll(model, batch)
+    hook.remove()
+    assert seen == [(int(count), model.config.vocab_size)]  # only the scored positions: 7 + (7 - 3) + 7
+    (total / count).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    ref_total, ref_count = shifted_nll(model(input_ids=ids, use_cache=False).logits, labels)
+    (ref_total / ref_count).backward()
+    assert int(count) == int(ref_count) == 18
+    assert float(total) == pytest.approx(float(ref_total), rel=1e-5)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)

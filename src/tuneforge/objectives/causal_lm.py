@@ -9,16 +9,18 @@ supervised tokens of a micro-batch; evaluation sums NLL and token counts over th
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.batching import Batches
 from tuneforge.errors import ConfigError
-from tuneforge.eval.lm import perplexity, shifted_nll
+from tuneforge.eval.lm import IGNORE_INDEX, perplexity, shifted_nll
 from tuneforge.objectives.base import Built
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "lm_loss",
     "load_causal_lm",
     "saved_causal_lm",
+    "supervised_positions_only",
 ]
 
 
@@ -122,16 +125,55 @@ def forward_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
 
     Packed rows carry ``position_ids`` and no attention mask, which is what makes transformers build a
     per-document causal mask; ``use_cache=False`` is required for that detection (and saves memory).
+
+    When only some tokens are supervised (SFT's response-only loss, padding), the output layer runs on the
+    hidden states of those positions only (`supervised_positions_only`): the vocabulary projection, the fp32
+    logits and the softmax are the largest per-token cost of a small LM with a big vocabulary (SmolLM2:
+    576 x 49,152), and their values at unsupervised positions are never used. The result is the same
+    number as projecting every position (a test checks loss and gradients).
     """
     inputs = {"input_ids": batch["input_ids"]}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
     elif "attention_mask" in batch:
         inputs["attention_mask"] = batch["attention_mask"]
-    logits = model(**inputs, use_cache=False).logits
     labels = batch["labels"]
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and not bool(scored.all()):
+        with supervised_positions_only(head, scored):
+            logits = model(**inputs, use_cache=False).logits
+        if logits.dim() == 2:  # the hook ran: one row of logits per scored position
+            total = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
+            return total, scored.sum()
+    else:
+        logits = model(**inputs, use_cache=False).logits
     # prompt tuning prepends virtual tokens: their logits come first and have no labels
     return shifted_nll(logits[:, logits.shape[1] - labels.shape[1] :], labels)
+
+
+@contextmanager
+def supervised_positions_only(head: nn.Module, scored: torch.Tensor):
+    """While active, ``head`` (the output layer) sees only the hidden states that predict a scored token.
+
+    ``scored`` is [B, T-1]: position ``t`` predicts token ``t + 1``. Virtual tokens that a method prepends
+    (prompt tuning) come first in the hidden states and are skipped. The output is then [N, vocab] logits,
+    N = ``scored.sum()``, in the order of ``targets[scored]``.
+    """
+
+    def pre_hook(_module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
+        if hidden.dim() != 3:
+            return args
+        hidden = hidden[:, hidden.shape[1] - scored.shape[1] - 1 : -1]
+        return (hidden[scored], *args[1:])
+
+    handle = head.register_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
