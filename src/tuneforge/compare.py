@@ -10,7 +10,10 @@ measures what the run directory does not record:
 * final metric (the task's default, on validation) and train throughput: from the run's ``metrics.json``;
 * saved size: bytes of the weight files in ``<run>/model`` (what a user ships for this method);
 * inference latency: median over repeats of one forward pass on the first 32 validation rows (padded as
-  the pipeline pads), under the run's precision, unmerged and, where the method merges, merged.
+  the pipeline pads), under the run's precision, of the base model (pretrained weights, fresh head, no
+  method), the trained model unmerged and, where the method merges, merged. The models are timed in
+  turn within each repeat (base, unmerged, merged, base, ...), so a slow spell of the machine hits all of
+  them alike and ``merged / base`` compares like with like.
 
 Outputs (written atomically into the output directory): ``compare.md`` (table + command), ``compare.csv``
 (one row per method, numeric columns; empty cells where not applicable) and ``compare.png``.
@@ -53,6 +56,7 @@ class MethodResult:
     train_seconds: float | None = None
     peak_rss_mb: float | None = None
     saved_bytes: int | None = None
+    base_latency_ms: float | None = None
     latency_ms: float | None = None
     merged_latency_ms: float | None = None
     merged_note: str = ""
@@ -108,7 +112,7 @@ def _check_methods(methods: list[str]) -> None:
 
 
 def compare(recipe: str | Path | None, overrides: list[str], methods: list[str], output_dir: Path | None = None,
-            *, overwrite: bool = False, quiet: bool = False, command: str = "", repeats: int = 7) -> CompareResult:
+            *, overwrite: bool = False, quiet: bool = False, command: str = "", repeats: int = 15) -> CompareResult:
     """Train ``methods`` on the same recipe and write compare.md/csv/png into the output dir.
 
     Configuration errors of any method (e.g. bitfit on a bias-free model) are raised before anything
@@ -133,7 +137,7 @@ def compare(recipe: str | Path | None, overrides: list[str], methods: list[str],
                                       f"{_fmt(row.trainable_pct)}% trainable, peak {_fmt(row.peak_rss_mb)} MiB"))
         results.append(row)
     first = runs[methods[0]]
-    _write_outputs(out, results, _metric_name(first), first, command)
+    _write_outputs(out, results, _metric_name(first), first, command, repeats)
     return CompareResult(out, results)
 
 
@@ -229,29 +233,36 @@ def _measure_model(row: MethodResult, run: RunConfig, run_dir: Path, repeats: in
     batches = objective.prepare(data.splits["validation"], saved.tokenizer, run)
     batch = batches.collate(list(range(min(LATENCY_BATCH, len(batches)))))
     batch.pop("labels", None)
-    row.latency_ms = _latency(saved.model, batch, autocast, repeats)
+    torch.manual_seed(run.train.seed)
+    models = [objective.build(run, path, data).model, saved.model]
     if hasattr(runtime, "merge"):
-        merged = runtime.merge(from_saved(run_dir / "model").model)
-        row.merged_latency_ms = _latency(merged, batch, autocast, repeats)
+        models.append(runtime.merge(from_saved(run_dir / "model").model))
     elif hasattr(runtime, "MERGE_UNSUPPORTED"):
         row.merged_note = f"n/a ({runtime.MERGE_UNSUPPORTED})"
     else:
         row.merged_note = "n/a (saved as plain transformers weights: nothing to merge)"
+    times = _latencies(models, batch, autocast, repeats)
+    row.base_latency_ms, row.latency_ms = times[0], times[1]
+    if len(times) > 2:
+        row.merged_latency_ms = times[2]
 
 
-def _latency(model, batch: dict, autocast, repeats: int) -> float:
-    """Median milliseconds of one forward pass on ``batch`` (after 2 warm-up passes)."""
+def _latencies(models: list, batch: dict, autocast, repeats: int) -> list[float]:
+    """Median milliseconds of one forward pass on ``batch`` for each model (after 2 warm-up passes each),
+    the models timed in turn within every repeat."""
     import torch
 
-    model.eval()
-    times = []
+    times: list[list[float]] = [[] for _ in models]
+    for m in models:
+        m.eval()
     with torch.inference_mode(), autocast():
         for i in range(repeats + 2):
-            t0 = time.perf_counter()
-            model(**batch)
-            if i >= 2:
-                times.append(1000.0 * (time.perf_counter() - t0))
-    return statistics.median(times)
+            for m, t in zip(models, times, strict=True):
+                t0 = time.perf_counter()
+                m(**batch)
+                if i >= 2:
+                    t.append(1000.0 * (time.perf_counter() - t0))
+    return [statistics.median(t) for t in times]
 
 
 # --------------------------------------------------------------------------- outputs
@@ -272,7 +283,7 @@ def _size(n: int | None) -> str:
     return f"{n} B"
 
 
-def _markdown(results: list[MethodResult], metric: str, run: RunConfig, command: str) -> str:
+def _markdown(results: list[MethodResult], metric: str, run: RunConfig, command: str, repeats: int) -> str:
     from tuneforge.engine import resolve_precision
 
     budget = f"{run.train.max_steps} steps" if run.train.max_steps else f"{run.train.epochs:g} epoch(s)"
@@ -281,25 +292,29 @@ def _markdown(results: list[MethodResult], metric: str, run: RunConfig, command:
         "```bash", command or "tuneforge compare ...", "```", "",
         f"Same data, seed ({run.train.seed}), batch size ({run.train.batch_size}) and budget ({budget}) for every "
         "method, each trained in its own process (peak RSS is that process's). Metric: "
-        f"{metric} on validation. Latency: median of repeated forward passes on one batch of {LATENCY_BATCH} "
-        f"validation rows, precision {resolve_precision(run.train.precision)}, {_threads()} torch thread(s).", "",
+        f"{metric} on validation. Latency: median of {repeats} forward passes on one batch of {LATENCY_BATCH} "
+        f"validation rows, precision {resolve_precision(run.train.precision)}, {_threads()} torch thread(s); the base "
+        "model (pretrained, no method) is timed in turn with each method's models, and merged / base is their "
+        "ratio.", "",
         f"| method | lr | trainable params | trainable % | {metric} | train samples/s | peak RSS (MiB) "
-        "| saved size | latency (ms) | merged latency (ms) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| saved size | base latency (ms) | latency (ms) | merged latency (ms) | merged / base |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for r in results:
         if r.error:
-            lines.append(f"| {r.method} | {r.lr:g} | failed: see below | | | | {_fmt(r.peak_rss_mb, 0)} | | | |")
+            lines.append(f"| {r.method} | {r.lr:g} | failed: see below | | | | {_fmt(r.peak_rss_mb, 0)} | | | | | |")
             notes.append(f"- **{r.method}** failed: {r.error}")
             continue
         merged = _fmt(r.merged_latency_ms, 1) if r.merged_latency_ms is not None else "n/a ¹" if r.merged_note else "n/a"
         if r.merged_note:
             notes.append(f"- ¹ **{r.method}**: merged latency {r.merged_note}")
+        ratio = (f"{r.merged_latency_ms / r.base_latency_ms:.3f}" if r.merged_latency_ms and r.base_latency_ms
+                 else "n/a")
         lines.append(
             f"| {r.method} | {r.lr:g} | {r.trainable_params:,} | {r.trainable_pct:.3f} | {_fmt(r.metric, 4)} | "
             f"{_fmt(r.train_samples_per_s, 1)} | {_fmt(r.peak_rss_mb, 0)} | {_size(r.saved_bytes)} | "
-            f"{_fmt(r.latency_ms, 1)} | {merged} |")
+            f"{_fmt(r.base_latency_ms, 1)} | {_fmt(r.latency_ms, 1)} | {merged} | {ratio} |")
     if notes:
         lines += ["", "Notes:", "", *notes]
     return "\n".join(lines) + "\n"
@@ -337,11 +352,12 @@ def _png(results: list[MethodResult], metric: str) -> bytes:
     ax2.set_yscale("log")
     ax2.set_title("trainable parameters (%)")
     x = range(len(ok))
-    ax3.bar([i - 0.2 for i in x], [r.latency_ms or 0.0 for r in ok], width=0.4, label="unmerged")
-    ax3.bar([i + 0.2 for i in x], [r.merged_latency_ms or 0.0 for r in ok], width=0.4, label="merged")
+    ax3.bar([i - 0.27 for i in x], [r.base_latency_ms or 0.0 for r in ok], width=0.27, label="base", color="0.6")
+    ax3.bar(list(x), [r.latency_ms or 0.0 for r in ok], width=0.27, label="unmerged")
+    ax3.bar([i + 0.27 for i in x], [r.merged_latency_ms or 0.0 for r in ok], width=0.27, label="merged")
     for i, r in enumerate(ok):
         if r.merged_latency_ms is None:
-            ax3.text(i + 0.2, 0, "n/a", ha="center", va="bottom", fontsize="x-small", rotation=90)
+            ax3.text(i + 0.27, 0, "n/a", ha="center", va="bottom", fontsize="x-small", rotation=90)
     ax3.set_xticks(list(x), names)
     ax3.set_title(f"latency, ms per batch of {LATENCY_BATCH}")
     ax3.legend(fontsize="small")
@@ -352,7 +368,8 @@ def _png(results: list[MethodResult], metric: str) -> bytes:
     return buf.getvalue()
 
 
-def _write_outputs(out: Path, results: list[MethodResult], metric: str, run: RunConfig, command: str) -> None:
-    atomic_write_text(out / "compare.md", _markdown(results, metric, run, command))
+def _write_outputs(out: Path, results: list[MethodResult], metric: str, run: RunConfig, command: str,
+                   repeats: int) -> None:
+    atomic_write_text(out / "compare.md", _markdown(results, metric, run, command, repeats))
     atomic_write_text(out / "compare.csv", _csv(results, metric))
     atomic_write_bytes(out / "compare.png", _png(results, metric))

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".cache" / "tuneforge"
 METHODS = ("full", "frozen", "adapter", "bitfit")
 NUMERIC = ("lr", "trainable_params", "total_params", "trainable_pct", "accuracy", "train_samples_per_s",
-           "train_seconds", "peak_rss_mb", "saved_bytes", "latency_ms")
+           "train_seconds", "peak_rss_mb", "saved_bytes", "base_latency_ms", "latency_ms")
 
 
 def _env() -> dict[str, str]:
@@ -85,6 +85,10 @@ def test_compare_four_methods(tmp_path: Path, tiny_csv) -> None:
     table = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(METHODS)
     assert table[0].startswith("| method | lr | trainable params | trainable % | accuracy |")
+    assert table[0].endswith("| base latency (ms) | latency (ms) | merged latency (ms) | merged / base |")
+    bitfit = next(line for line in table if line.startswith("| bitfit "))
+    ratio = float(by["bitfit"]["merged_latency_ms"]) / float(by["bitfit"]["base_latency_ms"])
+    assert bitfit.endswith(f"| {ratio:.3f} |")
 
 
 def test_unknown_method_fails_fast_with_registered_list(tmp_path: Path, tiny_csv) -> None:
