@@ -22,7 +22,7 @@ default), ``trl-no-gc`` (``gradient_checkpointing=False``, the fastest TRL setti
 * **held-out loss**: mean NLL per response token on the held-out examples, computed for every run by the
   same code (tuneforge's `evaluate_lm` on the same rows), plus the base model's before training.
 
-    python benchmarks/bench_sft.py [--train-examples 240] [--max-length 512] [--batch-size 4]
+    python benchmarks/bench_sft.py [--train-examples 160] [--max-length 512] [--batch-size 4]
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def run_child(name: str, a: argparse.Namespace, base_loss: bool) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--train-examples", type=int, default=240)
+    p.add_argument("--train-examples", type=int, default=160)
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)

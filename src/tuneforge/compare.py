@@ -38,7 +38,6 @@ from tuneforge.track.atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = ["CompareResult", "MethodResult", "compare", "default_compare_dir", "split_overrides"]
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 LATENCY_BATCH = 32
 
 
@@ -183,6 +182,8 @@ def _last_error(log: Path) -> str:
 def _run_method(recipe, overrides: list[str], method: str, run: RunConfig, out: Path, repeats: int) -> MethodResult:
     import json
 
+    from tuneforge.methods.saved import weights_bytes
+
     row = MethodResult(method, lr=run.lr)
     code, row.peak_rss_mb = _train_child(recipe, overrides, method, out)
     run_dir = out / method
@@ -193,7 +194,7 @@ def _run_method(recipe, overrides: list[str], method: str, run: RunConfig, out: 
     row.metric = metrics.get("eval", {}).get(_metric_name(run))
     row.train_samples_per_s = metrics["train"].get("train_samples_per_s")
     row.train_seconds = metrics["train"].get("train_seconds")
-    row.saved_bytes = sum(f.stat().st_size for f in (run_dir / "model").iterdir() if f.suffix in WEIGHT_SUFFIXES)
+    row.saved_bytes = weights_bytes(run_dir / "model")
     try:
         _measure_model(row, run, run_dir, repeats)
     except Exception as e:  # keep the other methods' hours of training; the row says what went wrong

@@ -23,7 +23,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.eval import flatten_metrics
 from tuneforge.eval.forgetting import Forgetting
 from tuneforge.methods import MethodContext, get_method
-from tuneforge.methods.saved import save_trained
+from tuneforge.methods.saved import read_manifest, save_trained, weights_bytes
 from tuneforge.models.anatomy import head_parameter_names, num_layers, trainable_summary
 from tuneforge.models.scratch import describe, model_source
 from tuneforge.objectives import get_objective
@@ -53,18 +53,24 @@ def default_output_dir(run: RunConfig) -> Path:
     return Path("runs") / f"{run.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def _prepare_run_dir(run: RunConfig, resume: bool, overwrite: bool) -> Path:
+def _check_run_dir(run: RunConfig, resume: bool, overwrite: bool) -> Path:
+    """The run directory, after the checks that need no model (nothing is created or removed yet)."""
     run_dir = run.output_dir or default_output_dir(run)
     if resume:
         if latest_checkpoint(run_dir / "checkpoints") is None:
             raise ConfigError(f"nothing to resume: no checkpoint under {run_dir}/checkpoints", key="output_dir")
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"{run_dir} exists and is not empty; use --resume to continue it or --overwrite",
-                              key="output_dir")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise ConfigError(f"{run_dir} exists and is not empty; use --resume to continue it or --overwrite",
+                          key="output_dir")
+    return run_dir
+
+
+def _make_run_dir(run_dir: Path, resume: bool) -> None:
+    """Create (or, with --overwrite, empty) the run directory: done once the model and method are set up,
+    so a refusal found while applying the method (e.g. an unknown LoRA target) leaves nothing behind."""
+    if not resume and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def _say(quiet: bool, msg: str) -> None:
@@ -85,7 +91,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
 
     n_layers = num_layers(model_config)
     run.method.check_model(n_layers)
-    run_dir = _prepare_run_dir(run, resume, overwrite)
+    run_dir = _check_run_dir(run, resume, overwrite)
     for note in data.notes:
         _say(quiet, note)
 
@@ -117,6 +123,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
 
     groups = param_groups(model, run.train, run.lr, n_layers, ctx.head_names)
     metric = run.train.metric or objective.default_metric
+    _make_run_dir(run_dir, resume)
     trainer = Trainer(
         model=model, module=module, objective=objective, train_data=splits["train"],
         eval_data=splits["validation"], cfg=run.train, groups=groups, run_dir=run_dir, autocast=autocast,
@@ -146,6 +153,9 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     if forgetting is not None:
         metrics["forgetting"] = forgetting.after(run_dir, model, built.tokenizer, autocast)
     _save_model(run_dir / "model", model, built.tokenizer, objective, data, run, model_path)
+    size = weights_bytes(run_dir / "model")
+    what = "method weights and head only" if read_manifest(run_dir / "model") else "whole model"
+    _say(quiet, f"saved {run_dir / 'model'}: {size / 2**20:,.2f} MiB of weights ({what})")
     atomic_write_json(run_dir / "metrics.json", metrics)
     write_plots(run_dir)
     write_report(run_dir, {

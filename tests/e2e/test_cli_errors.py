@@ -260,6 +260,16 @@ def test_partial_freeze_layers_out_of_range(data, tmp_path, run_inprocess):
     assert not out.exists()
 
 
+def test_unknown_lora_target_lists_linear_modules_and_leaves_no_run_dir(data, tmp_path, run_inprocess):
+    """Found only once the model is built (module names), but still before the run directory exists."""
+    out = tmp_path / "run"
+    code, so, se = run_inprocess(
+        _base(data, out, method="lora", **{"method.target_modules": "[query,nope]"}), tmp_path
+    )
+    assert_clean_error(code, so, se, "nope", "query", "value")
+    assert not out.exists()
+
+
 def test_nonempty_output_dir_without_resume(data, tmp_path, run_inprocess):
     out = tmp_path / "run"
     out.mkdir()

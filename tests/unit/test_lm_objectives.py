@@ -14,6 +14,7 @@ from tuneforge.errors import ConfigError, DataError
 from tuneforge.inference import evaluate_file
 from tuneforge.objectives.clm import read_documents
 from tuneforge.pipeline import train
+from tuneforge.track import read_metrics
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "park", "and", "slept", "in", "sun"]
 
@@ -59,11 +60,15 @@ def test_clm_training_lowers_held_out_perplexity(tmp_path: Path, text_files, mod
     train_file, val_file = text_files
     base = evaluate_file(Path(model), val_file, ["task=clm", f"task.packing={packing}", "data.max_length=64"])
     res = train(_cfg(tmp_path, f"model={model}", "task=clm", f"task.packing={packing}", f"data.train={train_file}",
-                     f"data.validation={val_file}", "train.max_steps=25"), quiet=True)
+                     f"data.validation={val_file}", "train.max_steps=25", "train.eval_on_start=true"), quiet=True)
     val = res.metrics["splits"]["validation"]
     assert val["perplexity"] == pytest.approx(math.exp(val["loss"]))
     assert val["tokens"] == base["tokens"]
     assert val["loss"] < base["loss"] - 1.0
+    # eval_on_start: the untrained model, logged as step 0, equals the base model's evaluation
+    evals = [r for r in read_metrics(res.run_dir) if r.get("split") == "eval"]
+    assert evals[0]["step"] == 0 and evals[0]["loss"] == pytest.approx(base["loss"], abs=1e-4)  # other batching
+    assert res.metrics["train"]["best_step"] != 0
     # the run directory evaluates to the same numbers
     again = evaluate_file(res.run_dir, val_file, [])
     assert again["loss"] == pytest.approx(val["loss"], abs=1e-5)

@@ -17,7 +17,7 @@ from tuneforge.config import load_config
 from tuneforge.methods import MethodContext, get_method
 from tuneforge.methods.saved import load_trained
 from tuneforge.models import resolve_model
-from tuneforge.models.anatomy import head_parameter_names
+from tuneforge.models.anatomy import head_parameter_names, trainable_summary
 from tuneforge.objectives.classification import ClassificationObjective
 from tuneforge.pipeline import train
 
@@ -44,6 +44,7 @@ def test_backbone_linear_layers_are_4bit(model: str) -> None:
     linear = {n: m for n, m in net.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n != "score"}
     n_weights = sum(m.weight.numel() for m in linear.values())
     fp32_bytes = _param_bytes(net)
+    n_params = sum(p.numel() for p in net.parameters())
     run = load_config(None, [f"model={model}", "method=qlora"])
     wrapped = get_method("qlora").runtime().apply(net, run, MethodContext(head_parameter_names(net, info["missing_keys"]), 2))
 
@@ -62,6 +63,10 @@ def test_backbone_linear_layers_are_4bit(model: str) -> None:
     lora_bytes = sum(p.numel() * 4 for n, p in wrapped.named_parameters() if ".lora_" in n)
     head_copy = sum(p.numel() * 4 for n, p in wrapped.named_parameters() if ".modules_to_save." in n)
     assert _param_bytes(wrapped) == fp32_bytes - n_weights * 3.5 + lora_bytes + head_copy
+    # parameter counts are of weights, not of the bytes that pack them (two 4-bit codes per uint8 element)
+    lora_params, head_params = lora_bytes // 4, head_copy // 4
+    assert trainable_summary(wrapped) == (lora_params + head_params,
+                                          n_params + lora_params + head_params)
 
 
 def test_qlora_trains_reloads_and_merges(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

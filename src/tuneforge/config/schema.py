@@ -176,6 +176,8 @@ class TrainConfig(StrictModel):
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
     seed: int = 42
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: each epoch)")
+    eval_on_start: bool = Field(False, description="also evaluate the untrained model, logged as step 0 (a baseline; "
+                                "never chosen as the best checkpoint)")
     save_steps: int | None = Field(None, ge=1, description="checkpoint every N steps (default: at each eval)")
     save_total_limit: int = Field(2, ge=1, description="keep this many recent checkpoints (plus the best)")
     metric: str | None = Field(None, description="eval metric for best checkpoint / early stopping")

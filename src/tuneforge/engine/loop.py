@@ -110,6 +110,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=st.step, desc="train", unit="step", disable=self.quiet,
                    dynamic_ncols=True)
         window_loss, window_n, t_window = 0.0, 0, time.perf_counter()
+        if cfg.eval_on_start and st.step == 0 and self.eval_data is not None:
+            self.evaluate(baseline=True)
         try:
             while st.step < self.total_steps and not st.stopped_early:
                 plan = self.train_data.plan(st.epoch, cfg.batch_size, seed=cfg.seed, shuffle=True)
@@ -219,8 +221,12 @@ class Trainer:
             save_checkpoint(self.ckpt_root, self.model, self.optimizer, self.scheduler, st)
             rotate_checkpoints(self.ckpt_root, cfg.save_total_limit, protect=st.best_step)
 
-    def evaluate(self) -> bool:
-        """Evaluate, log, update best/early-stopping state; returns whether this is the new best."""
+    def evaluate(self, baseline: bool = False) -> bool:
+        """Evaluate, log, update best/early-stopping state; returns whether this is the new best.
+
+        ``baseline``: the untrained model (``train.eval_on_start``): logged and kept in the history as step 0,
+        but not a candidate for the best checkpoint (there is none to load) nor counted for early stopping.
+        """
         st = self.state
         batch_size = self.cfg.eval_batch_size or 2 * self.cfg.batch_size
         metrics = self.objective.evaluate(self.module, self.eval_data, batch_size=batch_size, autocast=self.autocast)
@@ -234,6 +240,10 @@ class Trainer:
         value = scalars.get(self.metric)
         if value is None:
             raise TrainingError(f"train.metric '{self.metric}' is not produced; available: {', '.join(scalars)}")
+        if baseline:
+            if not self.quiet:
+                tqdm.write("eval before training: " + ", ".join(f"{k}={v:.4f}" for k, v in scalars.items() if "/" not in k))
+            return False
         better = st.best_metric is None or (value > st.best_metric if self.greater else value < st.best_metric)
         if better:
             st.best_metric, st.best_step, st.evals_without_improvement = value, st.step, 0

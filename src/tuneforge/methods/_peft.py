@@ -196,11 +196,10 @@ def _probe(model: nn.Module, tt: str) -> None:
 
 
 def save_adapter(model: nn.Module, folder: Path) -> int:
-    """Write the peft adapter folder (adapter weights + head weights); prints and returns the weights' size."""
+    """Write the peft adapter folder (adapter weights + head weights); returns the weights' size in bytes
+    (the pipeline reports the saved size of every method)."""
     model.save_pretrained(folder)
-    size = (Path(folder) / ADAPTER_WEIGHTS).stat().st_size
-    print(f"saved adapter weights: {size / 1024:,.1f} KiB ({ADAPTER_WEIGHTS}, head included)", flush=True)
-    return size
+    return (Path(folder) / ADAPTER_WEIGHTS).stat().st_size
 
 
 def load_adapter(base: nn.Module, folder: Path, **kwargs: Any) -> nn.Module:

@@ -24,9 +24,10 @@ from torch import nn
 from tuneforge.errors import ConfigError
 from tuneforge.track.atomic import atomic_write_json
 
-__all__ = ["METHOD_FILE", "load_trained", "read_manifest", "save_trained"]
+__all__ = ["METHOD_FILE", "WEIGHT_SUFFIXES", "load_trained", "read_manifest", "save_trained", "weights_bytes"]
 
 METHOD_FILE = "tuneforge_method.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def save_trained(model: nn.Module, folder: Path, method_cfg: Any, base_model: Path) -> None:
@@ -44,6 +45,11 @@ def save_trained(model: nn.Module, folder: Path, method_cfg: Any, base_model: Pa
     atomic_write_json(folder / METHOD_FILE, {
         "method": method_cfg.name, "options": method_cfg.model_dump(mode="json"), "base_model": str(base_model),
     })
+
+
+def weights_bytes(folder: Path) -> int:
+    """Bytes of the weight files in a saved folder: what a user ships for this method."""
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.suffix in WEIGHT_SUFFIXES)
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ maps names to depths without editing or special-casing model code.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -56,14 +57,20 @@ def head_parameter_names(model: nn.Module, newly_initialized: Iterable[str] = ()
 
 
 def trainable_summary(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, each shared tensor counted once."""
+    """(trainable, total) parameter counts, each shared tensor counted once.
+
+    A 4-bit weight (bitsandbytes ``Params4bit``, QLoRA) stores two codes per uint8 element; it counts as
+    the number of weights it holds (its ``quant_state.shape``), not as its packed bytes.
+    """
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        n = math.prod(shape) if shape is not None else p.numel()
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
     return trainable, total
