@@ -28,7 +28,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) benchmarks/bench_classification.py
+	$(PY) benchmarks/bench_pretrain.py
+	$(PY) benchmarks/bench_sft.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -7,55 +7,14 @@ representative few run as real subprocesses, exactly as a user does.
 
 from __future__ import annotations
 
-import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _common import cli_env, sentiment_rows, write_csv
 
 pytestmark = pytest.mark.e2e
-
-REPO = Path(__file__).resolve().parents[2]
-CACHE = REPO / ".cache" / "tuneforge"
-
-POSITIVE = ["i love this {}", "what a great {}", "the {} was wonderful", "best {} ever", "a really good {}"]
-NEGATIVE = ["i hate this {}", "what a terrible {}", "the {} was awful", "worst {} ever", "a really bad {}"]
-NEUTRAL = ["this is a {}", "the {} is on the table", "i saw a {} today", "there is a {}", "a {} exists"]
-THINGS = ["movie", "book", "meal", "song", "phone", "car"]
-
-
-def sentiment_rows(n: int, offset: int = 0) -> list[tuple[str, str]]:
-    rows = []
-    for i in range(offset, offset + n):
-        label = ("positive", "negative", "neutral")[i % 3]
-        templates = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}[label]
-        rows.append((templates[(i // 3) % len(templates)].format(THINGS[(i // 15) % len(THINGS)]), label))
-    return rows
-
-
-def write_csv(path: Path, rows, header=("text", "label")) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        if header:
-            w.writerow(header)
-        w.writerows(rows)
-    return path
-
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        TUNEFORGE_CACHE=str(CACHE),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        # tiny models gain nothing from intra-op threads; on a shared 2-core machine they only contend
-        OMP_NUM_THREADS=os.environ.get("TUNEFORGE_TEST_THREADS", "1"),
-    )
-    env.pop("TUNEFORGE_DEBUG", None)
-    return env
 
 
 def run_subprocess(args: list[str], cwd: Path) -> tuple[int, str, str]:

@@ -6,23 +6,17 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _common import CACHE, cli_env, sentiment_rows, write_csv
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-CACHE = REPO / ".cache" / "tuneforge"
 LABELS = ("negative", "neutral", "positive")
 
-POSITIVE = ["i love this {}", "what a great {}", "the {} was wonderful", "best {} ever", "a really good {}"]
-NEGATIVE = ["i hate this {}", "what a terrible {}", "the {} was awful", "worst {} ever", "a really bad {}"]
-NEUTRAL = ["this is a {}", "the {} is on the table", "i saw a {} today", "there is a {}", "a {} exists"]
-THINGS = ["movie", "book", "meal", "song", "phone", "car"]
 
 PARITY_TEXTS = [
     "i love this movie",
@@ -48,38 +42,6 @@ PARITY_TEXTS = [
 ]
 
 
-def sentiment_rows(n: int, offset: int = 0) -> list[tuple[str, str]]:
-    rows = []
-    for i in range(offset, offset + n):
-        label = LABELS[(2, 0, 1)[i % 3]]
-        templates = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}[label]
-        rows.append((templates[(i // 3) % len(templates)].format(THINGS[(i // 15) % len(THINGS)]), label))
-    return rows
-
-
-def write_csv(path: Path, header, rows, delimiter: str = ",") -> Path:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, delimiter=delimiter)
-        if header:
-            w.writerow(header)
-        w.writerows(rows)
-    return path
-
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        TUNEFORGE_CACHE=str(CACHE),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        # tiny models gain nothing from intra-op threads; on a shared 2-core machine they only contend
-        OMP_NUM_THREADS=os.environ.get("TUNEFORGE_TEST_THREADS", "1"),
-    )
-    env.pop("TUNEFORGE_DEBUG", None)
-    return env
-
-
 def cli(*args: str, cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [sys.executable, "-m", "tuneforge", *args],
@@ -99,8 +61,8 @@ def cli(*args: str, cwd: Path, check: bool = True, timeout: float = 900) -> subp
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("workflow")
-    write_csv(d / "train.csv", ("text", "label"), sentiment_rows(90))
-    write_csv(d / "val.csv", ("text", "label"), sentiment_rows(30, offset=90))
+    write_csv(d / "train.csv", sentiment_rows(90))
+    write_csv(d / "val.csv", sentiment_rows(30, offset=90))
     return d
 
 
@@ -228,7 +190,7 @@ def test_predict_texts_prints_json_lines(trained, workdir):
 def test_predict_file_to_jsonl_and_csv(trained, workdir):
     run, _ = trained
     texts = PARITY_TEXTS[:7]
-    inp = write_csv(workdir / "inputs.csv", ("text",), [(t,) for t in texts])
+    inp = write_csv(workdir / "inputs.csv", [(t,) for t in texts], header=("text",))
 
     out_jsonl = workdir / "preds.jsonl"
     proc = cli("predict", str(run), "--input", str(inp), "--output", str(out_jsonl), cwd=workdir)
@@ -352,7 +314,7 @@ def _short_train(
 def test_integer_labels_sorted_numerically_and_quiet(workdir):
     mapping = {"negative": 10, "neutral": 2, "positive": 1}
     rows = [(t, mapping[y]) for t, y in sentiment_rows(60)]
-    write_csv(workdir / "ints.csv", ("text", "label"), rows)
+    write_csv(workdir / "ints.csv", rows)
     run, proc = _short_train(workdir, "run-ints", "data.train=ints.csv")
     assert "%|" not in proc.stderr, proc.stderr  # --quiet: no progress bars
     assert "Traceback" not in proc.stderr
@@ -369,7 +331,7 @@ def test_integer_labels_sorted_numerically_and_quiet(workdir):
 
 def test_headerless_tsv_by_column_index(workdir):
     rows = [(y, t) for t, y in sentiment_rows(60)]
-    write_csv(workdir / "nohdr.tsv", None, rows, delimiter="\t")
+    write_csv(workdir / "nohdr.tsv", rows, header=None, delimiter="\t")
     run, _ = _short_train(
         workdir,
         "run-tsv",
@@ -391,7 +353,7 @@ def test_sentence_pairs(workdir):
     for i, (t, _y) in enumerate(sentiment_rows(60)):
         other = sentiment_rows(1, offset=i + 1)[0][0]
         rows.append((t, other, "same" if i % 2 else "different"))
-    write_csv(workdir / "pairs.csv", ("premise", "hypothesis", "label"), rows)
+    write_csv(workdir / "pairs.csv", rows, header=("premise", "hypothesis", "label"))
     run, _ = _short_train(
         workdir,
         "run-pairs",
@@ -401,11 +363,8 @@ def test_sentence_pairs(workdir):
     )
     metrics = json.loads((run / "metrics.json").read_text(encoding="utf-8"))
     assert metrics["splits"]["validation"]["labels"] == ["different", "same"]
-    inp = write_csv(
-        workdir / "pair_inputs.csv",
-        ("premise", "hypothesis"),
-        [("i love this movie", "a car"), ("a book", "a book")],
-    )
+    inp = write_csv(workdir / "pair_inputs.csv", [("i love this movie", "a car"), ("a book", "a book")],
+                    header=("premise", "hypothesis"))
     out = workdir / "pair_preds.jsonl"
     cli("predict", str(run), "--input", str(inp), "--output", str(out), cwd=workdir)
     preds = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]

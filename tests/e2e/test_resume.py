@@ -4,7 +4,6 @@ compare with the same run done in one go: same final weights, same per-step loss
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -15,51 +14,14 @@ import time
 from pathlib import Path
 
 import pytest
+from _common import CACHE, cli_env, sentiment_rows, write_csv
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[2]
-CACHE = REPO / ".cache" / "tuneforge"
-
-POSITIVE = ["i love this {}", "what a great {}", "the {} was wonderful", "best {} ever", "a really good {}"]
-NEGATIVE = ["i hate this {}", "what a terrible {}", "the {} was awful", "worst {} ever", "a really bad {}"]
-NEUTRAL = ["this is a {}", "the {} is on the table", "i saw a {} today", "there is a {}", "a {} exists"]
-THINGS = ["movie", "book", "meal", "song", "phone", "car"]
 
 MAX_STEPS = 60
 KILL_AFTER_CHECKPOINT = 25  # kill once a checkpoint at or after this step is complete...
 PROGRESS_PAST = 2  # ...and training has logged at least this many steps beyond it
-
-
-def sentiment_rows(n: int, offset: int = 0) -> list[tuple[str, str]]:
-    rows = []
-    for i in range(offset, offset + n):
-        label = ("positive", "negative", "neutral")[i % 3]
-        templates = {"positive": POSITIVE, "negative": NEGATIVE, "neutral": NEUTRAL}[label]
-        rows.append((templates[(i // 3) % len(templates)].format(THINGS[(i // 15) % len(THINGS)]), label))
-    return rows
-
-
-def write_csv(path: Path, rows) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(("text", "label"))
-        w.writerows(rows)
-    return path
-
-
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        TUNEFORGE_CACHE=str(CACHE),
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        # tiny models gain nothing from intra-op threads; on a shared 2-core machine they only contend
-        OMP_NUM_THREADS=os.environ.get("TUNEFORGE_TEST_THREADS", "1"),
-    )
-    env.pop("TUNEFORGE_DEBUG", None)
-    return env
 
 
 def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
