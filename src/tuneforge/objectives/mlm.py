@@ -40,6 +40,7 @@ from tuneforge.config.schema import RunConfig, TaskConfig
 from tuneforge.data.streaming import Corpus, PackedBlocks, eval_batch, load_corpus_splits, scan_corpus
 from tuneforge.errors import ConfigError
 from tuneforge.objectives.base import Built, TaskData
+from tuneforge.objectives.causal_lm import VIRTUAL_TOKEN_METHODS
 
 __all__ = ["MLMConfig", "MLMObjective", "WholeWordMasker", "word_start_table"]
 
@@ -56,6 +57,7 @@ class MLMConfig(TaskConfig):
 
     def check_run(self, run: RunConfig) -> None:
         _refuse_frozen(run)
+        _refuse_virtual_tokens(run)
         if self.mask_replace_prob + self.random_replace_prob > 1:
             raise ValueError(f"task.random_replace_prob must be at most 1 - task.mask_replace_prob = "
                              f"{1 - self.mask_replace_prob:g} (got {self.random_replace_prob:g})")
@@ -65,6 +67,19 @@ def _refuse_frozen(run: RunConfig) -> None:
     if run.method.name == "frozen":
         raise ValueError(f"method.name 'frozen' trains a task head on cached features; task '{run.task.name}' predicts "
                          "tokens through the whole model (use full, partial or a PEFT method)")
+
+
+def _refuse_virtual_tokens(run: RunConfig) -> None:
+    """Refuse the peft prompt-learning methods (prefix, prompt, ptuning_v2) up front.
+
+    peft injects virtual tokens or past key/values only through its task-specific wrappers (classification,
+    QA, causal and seq2seq LM); it has none for masked LMs, so `wrap_prompt_learning` would fail only after
+    the weights load. The model of task 'mlm' is always a masked LM, so the config can tell at once.
+    """
+    if run.method.name in VIRTUAL_TOKEN_METHODS:
+        raise ValueError(f"method.name '{run.method.name}' adds virtual tokens through a peft prompt-learning "
+                         "wrapper, and peft has none for masked language models (task 'mlm'); use full, partial "
+                         "or another PEFT method (lora, ia3, adapter, ...)")
 
 
 def word_start_table(tokenizer: Any) -> np.ndarray:
