@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,15 +197,28 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], options: Gen
     was_training = model.training
     model.eval()
     out: list[str] = []
+    step = 1 if _drops_position_ids(model) else options.batch_size
     try:
-        for start in range(0, len(texts), options.batch_size):
-            enc = _encode(tokenizer, texts[start : start + options.batch_size], chat)
-            seqs = model.generate(**enc, generation_config=cfg, tokenizer=tokenizer if stops else None)
-            new = seqs[:, enc["input_ids"].shape[1] :]
-            out += [_cut(tokenizer.decode(row, skip_special_tokens=True), stops)[0] for row in new]
+        with warnings.catch_warnings():
+            # peft's notice that it drops position ids: harmless once no prompt is padded (step 1 above)
+            warnings.filterwarnings("ignore", message="Position ids are not supported", category=UserWarning)
+            for start in range(0, len(texts), step):
+                enc = _encode(tokenizer, texts[start : start + step], chat)
+                seqs = model.generate(**enc, generation_config=cfg, tokenizer=tokenizer if stops else None)
+                new = seqs[:, enc["input_ids"].shape[1] :]
+                out += [_cut(tokenizer.decode(row, skip_special_tokens=True), stops)[0] for row in new]
     finally:
         model.train(was_training)
     return out
+
+
+def _drops_position_ids(model: Any) -> bool:
+    """Whether ``model`` is a peft soft-prompt model (prompt tuning, P-tuning), whose forward discards the
+    position ids transformers derives from the attention mask: a left-padded prompt would then be read
+    at shifted positions, so such models generate one prompt at a time (no padding, positions exact)."""
+    cfg = getattr(model, "active_peft_config", None)
+    kind = getattr(getattr(cfg, "peft_type", None), "value", None)
+    return kind in ("PROMPT_TUNING", "P_TUNING")
 
 
 def stream_reply(loaded: LoadedModel, messages: list[dict[str, str]], options: GenerationOptions,

@@ -88,3 +88,25 @@ def test_stop_option_is_raw_text_with_newline_escapes() -> None:
     assert parse_options(["stop=\\n\\n"]).stop == ["\n\n"]
     assert parse_options(["stop=['###', 'END']"]).stop == ["###", "END"]
     assert parse_options(["system_prompt=You are: terse"]).system_prompt == "You are: terse"
+
+
+def test_prompt_tuned_model_generates_each_prompt_as_if_alone() -> None:
+    """peft prompt tuning drops position ids, so a left-padded prompt in a batch would be read at shifted
+    positions; generate() runs such models one prompt at a time: every output equals that prompt alone."""
+    import warnings
+
+    import peft
+
+    path = resolve_model("tiny-gpt2")  # absolute positions: a shift changes the output
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    ours = generate(model, tok, PROMPTS, GenerationOptions(max_new_tokens=10, batch_size=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for p, text in zip(PROMPTS, ours, strict=True):
+            one = tok(p, return_tensors="pt")
+            alone = model.generate(**one, max_new_tokens=10, do_sample=False)[0, one["input_ids"].shape[1]:]
+            assert tok.decode(alone, skip_special_tokens=True) == text
