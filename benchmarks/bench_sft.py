@@ -68,8 +68,9 @@ def _overrides(a: argparse.Namespace) -> list[str]:
             "method.target_modules=all-linear", f"data.train={a.work / 'train.jsonl'}",
             f"data.validation={a.work / 'val.jsonl'}", f"data.max_length={a.max_length}",
             f"train.batch_size={a.batch_size}", "train.epochs=1", f"train.lr={a.lr}", "train.schedule=linear",
-            "train.warmup_steps=0", "train.weight_decay=0", "train.max_grad_norm=1.0", "train.seed=0",
-            "train.tensorboard=false", "train.eval_batch_size=8", f"output_dir={a.work / ('tf-' + str(a.one))}"]
+            "train.warmup_steps=0", "train.weight_decay=0", "train.max_grad_norm=1.0", f"train.seed={a.seed}",
+            "train.tensorboard=false", "train.eval_batch_size=8", f"output_dir={a.work / ('tf-' + str(a.one))}",
+            *a.tuneforge_override]
 
 
 def heldout_loss(model, tokenizer, a: argparse.Namespace) -> float:
@@ -97,7 +98,7 @@ def child_trl(a: argparse.Namespace, gc: bool) -> dict:
 
     path = resolve_model("smollm2-135m")
     tok = hf.AutoTokenizer.from_pretrained(path)
-    hf.set_seed(0)
+    hf.set_seed(a.seed)
     model = hf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     out = {}
     if a.base_loss:
@@ -116,7 +117,7 @@ def child_trl(a: argparse.Namespace, gc: bool) -> dict:
     cfg = SFTConfig(output_dir=str(a.work / f"run-{a.one}"), per_device_train_batch_size=a.batch_size,
                     num_train_epochs=1, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0,
                     weight_decay=0.0, max_grad_norm=1.0, max_length=a.max_length, packing=True,
-                    gradient_checkpointing=gc, use_cpu=True, seed=0, report_to="none", save_strategy="no",
+                    gradient_checkpointing=gc, use_cpu=True, seed=a.seed, report_to="none", save_strategy="no",
                     logging_steps=10**6, disable_tqdm=True, dataloader_num_workers=0)
     peft_cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                           target_modules="all-linear", task_type="CAUSAL_LM")
@@ -168,7 +169,8 @@ def child_tuneforge(a: argparse.Namespace) -> dict:
 
 def run_child(name: str, a: argparse.Namespace, base_loss: bool) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--work", str(a.work), "--max-length", str(a.max_length),
-           "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--train-examples", str(a.train_examples)]
+           "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--train-examples", str(a.train_examples),
+           "--seed", str(a.seed), *(f"--tuneforge-override={o}" for o in a.tuneforge_override)]
     if base_loss:
         cmd.append("--base-loss")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
@@ -184,6 +186,9 @@ def main() -> None:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0, help="training seed of every run (LoRA init, dropout, order)")
+    p.add_argument("--tuneforge-override", action="append", default=[], metavar="K=V",
+                   help="extra tuneforge setting for experiments (repeatable), e.g. train.group_by_length=false")
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
     p.add_argument("--one", choices=RUNS, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -223,7 +228,8 @@ def main() -> None:
                 dl = results["tuneforge"]["heldout_loss"] - results[name]["heldout_loss"]
                 print(f"tuneforge / {name}: {ratio:.2f}x tokens/s, held-out loss {dl:+.4f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k not in ("one", "work")},
+    out = RESULTS if a.seed == 0 else RESULTS.with_name(f"sft-seed{a.seed}.json")
+    out.write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k not in ("one", "work")},
                                    "info": info, "results": results}, indent=2, default=str) + "\n")
 
 

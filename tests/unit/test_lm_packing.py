@@ -3,18 +3,22 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tuneforge.data.packing import lm_batches, pack_blocks, pack_documents
+from tuneforge.config import load_config
+from tuneforge.data.packing import lm_batches, pack_blocks, pack_documents, packed_grouping
 from tuneforge.errors import ConfigError
 from tuneforge.eval.lm import perplexity, shifted_nll
 from tuneforge.models import resolve_model
 from tuneforge.objectives.causal_lm import check_packed_attention, evaluate_lm, forward_nll, lm_loss
+from tuneforge.objectives.sft import SftObjective
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -160,3 +164,19 @@ def test_output_layer_on_scored_positions_only_gives_the_same_loss_and_gradients
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_packed_rows_are_not_grouped_by_length(tmp_path: Path) -> None:
+    """Grouping only cuts padding; packed rows have none, so their batches stay a plain shuffle."""
+    assert packed_grouping(True, "none") and not packed_grouping(False, "none")
+    assert not packed_grouping(True, "documents") and not packed_grouping(True, "blocks")
+    rows = [{"instruction": f"say {w}", "input": "", "output": f"{w} " * (1 + i % 5)} for i, w in enumerate("abcdefgh" * 3)]
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(rows), encoding="utf-8")
+    for packing, grouped in (("documents", False), ("none", True)):
+        run = load_config(None, ["model=tiny-llama", "task=sft", f"task.packing={packing}", f"data.train={path}",
+                                 "data.max_length=64"])
+        objective = SftObjective(run)
+        data = objective.load_data(run)
+        tok = AutoTokenizer.from_pretrained(resolve_model("tiny-llama"))
+        assert objective.prepare(data.splits["train"], tok, run).group_by_length is grouped

@@ -25,6 +25,7 @@ from tuneforge.objectives.base import Built
 
 __all__ = [
     "VIRTUAL_TOKEN_METHODS",
+    "CausalLMObjective",
     "check_decoder",
     "check_lm_method",
     "check_packed_attention",
@@ -196,3 +197,36 @@ def evaluate_lm(model: nn.Module, data: Batches, *, batch_size: int, autocast: C
         raise ConfigError("the evaluation data has no tokens to score (all empty or cut off by data.max_length)")
     mean = total / count
     return {"loss": mean, "perplexity": perplexity(mean), "tokens": count}
+
+
+class CausalLMObjective:
+    """What the `Objective` implementations ``clm`` and ``sft`` share: an ``AutoModelForCausalLM`` whose LM
+    head is pretrained, the loss (checking on the first packed batch that the model, as the method wrapped
+    it, keeps packed documents apart), token-weighted evaluation, and scoring of base models."""
+
+    name = ""
+    default_metric = "loss"
+    greater_is_better = False
+    evaluates_base_models = True  # `tuneforge eval smollm2-135m --data F task=...` scores the model as it is
+    pretrained_head = True  # lm_head is pretrained: methods (LoRA, BitFit...) must not train it whole
+
+    @property
+    def model_class(self) -> Any:
+        """The transformers class that loads the saved model (used by `tuneforge merge`)."""
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def __init__(self, run: RunConfig):
+        self.run = run
+        self.notes: list[str] = []
+        self._packing_checked = False
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "position_ids" in batch and not self._packing_checked:  # the model as the method wrapped it
+            check_packed_attention(model, self.run.model.name)
+            self._packing_checked = True
+        return lm_loss(model, batch)
+
+    def evaluate(self, model: nn.Module, data: Batches, *, batch_size: int, autocast: Callable[[], Any]) -> dict[str, Any]:
+        return evaluate_lm(model, data, batch_size=batch_size, autocast=autocast)

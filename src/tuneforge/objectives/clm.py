@@ -15,29 +15,26 @@ single-document file is split at a line boundary instead).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 from torch import nn
 
 from tuneforge.config.schema import RunConfig, TaskConfig
 from tuneforge.data.batching import Batches
-from tuneforge.data.packing import chunk, lm_batches, pack_blocks, pack_documents
+from tuneforge.data.packing import chunk, lm_batches, pack_blocks, pack_documents, packed_grouping
 from tuneforge.data.readers import column_values, detect_format, read_table, resolve_column
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.objectives.base import Built, TaskData
 from tuneforge.objectives.causal_lm import (
+    CausalLMObjective,
     check_decoder,
     check_lm_method,
-    check_packed_attention,
-    evaluate_lm,
-    lm_loss,
     load_causal_lm,
     saved_causal_lm,
 )
@@ -132,26 +129,13 @@ def _carve(docs: Documents, share: float, seed: int) -> tuple[Documents, Documen
     return train, val, f"the last {100 * share:.0f}% of the single document (from line {line})"
 
 
-class ClmObjective:
+class ClmObjective(CausalLMObjective):
     """Implements the `Objective` protocol for causal-LM training on raw text."""
 
     name = "clm"
-    default_metric = "loss"
-    greater_is_better = False
-    evaluates_base_models = True  # `tuneforge eval smollm2-135m --data F task=...` scores the model as it is
-    pretrained_head = True  # lm_head is pretrained: methods (LoRA, BitFit...) must not train it whole
-
-    @property
-    def model_class(self) -> Any:
-        """The transformers class that loads the saved model (used by `tuneforge merge`)."""
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM
 
     def __init__(self, run: RunConfig):
-        self.run = run
-        self.notes: list[str] = []
-        self._packing_checked = False
+        super().__init__(run)
         self._samples: Documents | None = None
 
     def load_data(self, run: RunConfig) -> TaskData:
@@ -211,16 +195,7 @@ class ClmObjective:
         if not cols["input_ids"]:
             raise DataError("no text left to train on after tokenization", records.source)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return lm_batches(cols, pad, group_by_length=run.train.group_by_length)
-
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "position_ids" in batch and not self._packing_checked:  # the model as the method wrapped it
-            check_packed_attention(model, self.run.model.name)
-            self._packing_checked = True
-        return lm_loss(model, batch)
-
-    def evaluate(self, model: nn.Module, data: Batches, *, batch_size: int, autocast: Callable[[], Any]) -> dict[str, Any]:
-        return evaluate_lm(model, data, batch_size=batch_size, autocast=autocast)
+        return lm_batches(cols, pad, group_by_length=packed_grouping(run.train.group_by_length, run.task.packing))
 
     def save_artifacts(self, out_dir: Path, data: TaskData) -> None:
         """Nothing beyond the HF folder: the run's config.yaml records how text was read and packed."""

@@ -15,27 +15,23 @@ per response token) and its perplexity.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import Field
 from torch import nn
 
 from tuneforge.config.schema import RunConfig, TaskConfig
 from tuneforge.data.batching import Batches
 from tuneforge.data.chat import Conversations, encode_conversations, read_conversations, resolve_template
-from tuneforge.data.packing import lm_batches, pack_documents
+from tuneforge.data.packing import lm_batches, pack_documents, packed_grouping
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.objectives.base import Built, TaskData
 from tuneforge.objectives.causal_lm import (
+    CausalLMObjective,
     check_decoder,
     check_lm_method,
-    check_packed_attention,
-    evaluate_lm,
-    lm_loss,
     load_causal_lm,
     saved_causal_lm,
 )
@@ -60,26 +56,13 @@ class SftConfig(TaskConfig):
         check_lm_method(run)
 
 
-class SftObjective:
+class SftObjective(CausalLMObjective):
     """Implements the `Objective` protocol for supervised fine-tuning with response-only loss."""
 
     name = "sft"
-    default_metric = "loss"
-    greater_is_better = False
-    evaluates_base_models = True  # `tuneforge eval smollm2-135m --data F task=...` scores the model as it is
-    pretrained_head = True  # lm_head is pretrained: methods (LoRA, BitFit...) must not train it whole
-
-    @property
-    def model_class(self) -> Any:
-        """The transformers class that loads the saved model (used by `tuneforge merge`)."""
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM
 
     def __init__(self, run: RunConfig):
-        self.run = run
-        self.notes: list[str] = []
-        self._packing_checked = False
+        super().__init__(run)
         self.template: str | None = None
         self._samples: Conversations | None = None
 
@@ -154,18 +137,9 @@ class SftObjective:
             raise DataError(f"every example is longer than data.max_length={size} before its response; raise it",
                             records.source)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return lm_batches(cols, pad, group_by_length=run.train.group_by_length)
+        return lm_batches(cols, pad, group_by_length=packed_grouping(run.train.group_by_length, run.task.packing))
 
     # ----------------------------------------------------------------- training
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if "position_ids" in batch and not self._packing_checked:  # the model as the method wrapped it
-            check_packed_attention(model, self.run.model.name)
-            self._packing_checked = True
-        return lm_loss(model, batch)
-
-    def evaluate(self, model: nn.Module, data: Batches, *, batch_size: int, autocast: Callable[[], Any]) -> dict[str, Any]:
-        return evaluate_lm(model, data, batch_size=batch_size, autocast=autocast)
-
     def save_artifacts(self, out_dir: Path, data: TaskData) -> None:
         """Nothing beyond the HF folder, whose tokenizer carries the chat template used in training."""
 
