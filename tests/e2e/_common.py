@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,3 +50,12 @@ def cli_env() -> dict[str, str]:
     )
     env.pop("TUNEFORGE_DEBUG", None)
     return env
+
+
+def cli(*args: str, cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run ``python -m tuneforge ARGS`` as a user would; with ``check``, a non-zero exit fails the test."""
+    proc = subprocess.run([sys.executable, "-m", "tuneforge", *args], cwd=cwd, env=cli_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"tuneforge {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc

@@ -7,25 +7,17 @@ representative few run as real subprocesses, exactly as a user does.
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from _common import cli_env, sentiment_rows, write_csv
+from _common import cli, cli_env, sentiment_rows, write_csv
 
 pytestmark = pytest.mark.e2e
 
 
 def run_subprocess(args: list[str], cwd: Path) -> tuple[int, str, str]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tuneforge", *args],
-        cwd=cwd,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = cli(*args, cwd=cwd, check=False, timeout=300)
     return proc.returncode, proc.stdout, proc.stderr
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from _common import CACHE, cli_env, sentiment_rows, write_csv
+from _common import CACHE, cli, sentiment_rows, write_csv
 
 pytestmark = pytest.mark.e2e
 
@@ -40,22 +40,6 @@ PARITY_TEXTS = [
     "a b c",
     "love love love",
 ]
-
-
-def cli(*args: str, cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tuneforge", *args],
-        cwd=cwd,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check:
-        assert proc.returncode == 0, (
-            f"tuneforge {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
 
 
 @pytest.fixture(scope="module")

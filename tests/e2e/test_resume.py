@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _common import CACHE, cli_env, sentiment_rows, write_csv
+from _common import CACHE, cli, cli_env, sentiment_rows, write_csv
 
 pytestmark = pytest.mark.e2e
 
@@ -22,22 +22,6 @@ pytestmark = pytest.mark.e2e
 MAX_STEPS = 60
 KILL_AFTER_CHECKPOINT = 25  # kill once a checkpoint at or after this step is complete...
 PROGRESS_PAST = 2  # ...and training has logged at least this many steps beyond it
-
-
-def cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [sys.executable, "-m", "tuneforge", *args],
-        cwd=cwd,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    if check:
-        assert proc.returncode == 0, (
-            f"tuneforge {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
 
 
 def train_args(run: Path, precision: str) -> list[str]:
