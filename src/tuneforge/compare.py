@@ -6,8 +6,8 @@ set, read with ``os.wait4`` (``ru_maxrss``), which misses no short spike. Each m
 default learning rate unless ``train.lr`` is given (then all share it). After training, this process
 measures what the run directory does not record:
 
-* trainable parameters: the model is rebuilt and the method applied exactly as the pipeline does;
-* final metric (the task's default, on validation) and train throughput: from the run's ``metrics.json``;
+* trainable parameters, final metric (the task's default, on validation) and train throughput: from the
+  run's ``metrics.json``, i.e. the counts of the model training used (wired by `tuneforge.wiring`);
 * saved size: bytes of the weight files in ``<run>/model`` (what a user ships for this method);
 * inference latency: median over repeats of one forward pass on the first 32 validation rows (padded as
   the pipeline pads), under the run's precision, of the base model (pretrained weights, fresh head, no
@@ -194,6 +194,8 @@ def _run_method(recipe, overrides: list[str], method: str, run: RunConfig, out: 
     row.metric = metrics.get("eval", {}).get(_metric_name(run))
     row.train_samples_per_s = metrics["train"].get("train_samples_per_s")
     row.train_seconds = metrics["train"].get("train_seconds")
+    row.trainable_params, row.total_params = metrics["train"]["trainable_params"], metrics["train"]["total_params"]
+    row.trainable_pct = 100.0 * row.trainable_params / row.total_params
     row.saved_bytes = weights_bytes(run_dir / "model")
     try:
         _measure_model(row, run, run_dir, repeats)
@@ -203,67 +205,67 @@ def _run_method(recipe, overrides: list[str], method: str, run: RunConfig, out: 
 
 
 def _measure_model(row: MethodResult, run: RunConfig, run_dir: Path, repeats: int) -> None:
-    """Trainable counts (method applied to a fresh build, as the pipeline does) and latencies."""
+    """Latencies of the base model (built and seeded as the pipeline builds it, no method), the trained
+    model and, where the method merges, the merged one; on the run's device and precision."""
     import torch
-    from transformers import AutoConfig
+    from transformers import set_seed
 
-    from tuneforge.engine import autocast_factory, resolve_precision
-    from tuneforge.methods import MethodContext, get_method
-    from tuneforge.models.anatomy import head_parameter_names, num_layers, trainable_summary
-    from tuneforge.models.registry import resolve_model
+    from tuneforge.engine import Runtime
+    from tuneforge.methods import get_method
+    from tuneforge.models.scratch import model_source
     from tuneforge.objectives import get_objective
 
+    runtime = Runtime.for_run(run.train)
     objective = get_objective(run)
-    path = resolve_model(run.model.name)
+    path, _ = model_source(run)
     data = objective.load_data(run)
-    runtime = get_method(run.method.name).runtime()
-    torch.manual_seed(run.train.seed)
-    built = objective.build(run, path, data)
-    ctx = MethodContext(head_parameter_names(built.model, built.newly_initialized),
-                        num_layers(AutoConfig.from_pretrained(path)))
-    row.trainable_params, row.total_params = trainable_summary(runtime.apply(built.model, run, ctx))
-    row.trainable_pct = 100.0 * row.trainable_params / row.total_params
-    del built
-
-    from_saved = getattr(objective, "from_saved", None)
-    if from_saved is None:
-        row.merged_note = f"n/a (task '{run.task.name}' cannot reload a saved model)"
-        return
-    autocast = autocast_factory(resolve_precision(run.train.precision))
-    saved = from_saved(run_dir / "model")
+    method = get_method(run.method.name).runtime()
+    saved = objective.from_saved(run_dir / "model")
     batches = objective.prepare(data.splits["validation"], saved.tokenizer, run)
-    batch = batches.collate(list(range(min(LATENCY_BATCH, len(batches)))))
+    batch = runtime.to_device(batches.collate(list(range(min(LATENCY_BATCH, len(batches))))))
     batch.pop("labels", None)
-    torch.manual_seed(run.train.seed)
+    set_seed(run.train.seed)
     models = [objective.build(run, path, data).model, saved.model]
-    if hasattr(runtime, "merge"):
-        models.append(runtime.merge(from_saved(run_dir / "model").model))
-    elif hasattr(runtime, "MERGE_UNSUPPORTED"):
-        row.merged_note = f"n/a ({runtime.MERGE_UNSUPPORTED})"
+    if method.merge is not None:
+        models.append(method.merge(objective.from_saved(run_dir / "model").model))
+    elif method.merge_unsupported is not None:
+        row.merged_note = f"n/a ({method.merge_unsupported})"
     else:
         row.merged_note = "n/a (saved as plain transformers weights: nothing to merge)"
-    times = _latencies(models, batch, autocast, repeats)
+    times = _latencies([runtime.move(m) for m in models], batch, runtime, repeats)
     row.base_latency_ms, row.latency_ms = times[0], times[1]
     if len(times) > 2:
         row.merged_latency_ms = times[2]
+    del models
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-def _latencies(models: list, batch: dict, autocast, repeats: int) -> list[float]:
+def _latencies(models: list, batch: dict, runtime: Any, repeats: int) -> list[float]:
     """Median milliseconds of one forward pass on ``batch`` for each model (after 2 warm-up passes each),
     the models timed in turn within every repeat."""
-    import torch
 
     times: list[list[float]] = [[] for _ in models]
     for m in models:
         m.eval()
-    with torch.inference_mode(), autocast():
+    with runtime.inference():
         for i in range(repeats + 2):
             for m, t in zip(models, times, strict=True):
+                _sync(runtime)
                 t0 = time.perf_counter()
                 m(**batch)
+                _sync(runtime)
                 if i >= 2:
                     t.append(1000.0 * (time.perf_counter() - t0))
     return [statistics.median(t) for t in times]
+
+
+def _sync(runtime: Any) -> None:
+    """Wait for queued GPU work, so a timer measures the forward pass and not its launch."""
+    import torch
+
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
 
 
 # --------------------------------------------------------------------------- outputs
@@ -285,7 +287,7 @@ def _size(n: int | None) -> str:
 
 
 def _markdown(results: list[MethodResult], metric: str, run: RunConfig, command: str, repeats: int) -> str:
-    from tuneforge.engine import resolve_precision
+    from tuneforge.engine import Runtime
 
     budget = f"{run.train.max_steps} steps" if run.train.max_steps else f"{run.train.epochs:g} epoch(s)"
     lines = [
@@ -294,7 +296,7 @@ def _markdown(results: list[MethodResult], metric: str, run: RunConfig, command:
         f"Same data, seed ({run.train.seed}), batch size ({run.train.batch_size}) and budget ({budget}) for every "
         "method, each trained in its own process (peak RSS is that process's). Metric: "
         f"{metric} on validation. Latency: median of {repeats} forward passes on one batch of {LATENCY_BATCH} "
-        f"validation rows, precision {resolve_precision(run.train.precision)}, {_threads()} torch thread(s); the base "
+        f"validation rows, on {Runtime.for_run(run.train).describe()}, {_threads()} torch thread(s); the base "
         "model (pretrained, no method) is timed in turn with each method's models, and merged / base is their "
         "ratio.", "",
         f"| method | lr | trainable params | trainable % | {metric} | train samples/s | peak RSS (MiB) "

@@ -5,9 +5,10 @@ named on error), prompts are rendered with the tokenizer's chat template in chat
 text), batches are left-padded by the tokenizer, stop strings go to transformers' ``StopStringCriteria``
 and are cut from the returned text. Greedy output is token-for-token ``model.generate``'s (tested).
 
-Chat mode defaults to what the model was trained for: a ``task=sft`` run chats (with the run's
-``task.system_prompt``), a ``task=clm`` run continues raw text, and any other folder chats when its
-tokenizer has a chat template. ``chat=true|false`` overrides that.
+Chat mode defaults to what the model was trained for: a run of a chat objective (``ObjectiveSpec.chat``:
+``task=sft``) chats (with the run's ``task.system_prompt``), another generative run (``task=clm``) continues
+raw text, and any other folder chats when its tokenizer has a chat template. ``chat=true|false`` overrides
+that. The model runs on ``device`` (``auto``: the best present, as ``train.device``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class GenerationOptions(StrictModel):
     chat: bool | None = Field(None, description="apply the chat template (default: what the model was trained for)")
     system_prompt: str | None = Field(None, description="system message in chat mode (default: the run's)")
     batch_size: int = Field(8, ge=1, description="prompts per generate call")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps (as train.device)")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -96,23 +98,28 @@ class LoadedModel:
     source: str
 
 
-def load_model(target: str | Path) -> LoadedModel:
+def load_model(target: str | Path, device: str = "auto") -> LoadedModel:
     """Load a causal LM from a run directory, a registry name or a local HF folder (merged or adapter)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from tuneforge.engine.runtime import resolve_device
     from tuneforge.methods.saved import load_trained
     from tuneforge.models.registry import model_family, resolve_model
 
+    where = resolve_device(device)  # an absent device fails before any weights load
     run_dir = Path(str(target))
     system_prompt, chat = None, None
     if (run_dir / "config.yaml").is_file() and (run_dir / "model" / "config.json").is_file():
         from tuneforge.config import load_config
+        from tuneforge.objectives import OBJECTIVES, get_spec
 
         run = load_config(run_dir / "config.yaml")
-        if run.task.name not in ("clm", "sft"):
-            raise ConfigError(f"{run_dir} is a '{run.task.name}' run; generation needs a causal LM run (task clm or sft)")
-        folder, chat = run_dir / "model", run.task.name == "sft"
-        system_prompt = getattr(run.task, "system_prompt", None)
+        spec = get_spec(run.task.name)
+        if not spec.generative:
+            allowed = ", ".join(n for n, s in OBJECTIVES.items() if s.generative)
+            raise ConfigError(f"{run_dir} is a '{run.task.name}' run; generation needs a causal LM run (task {allowed})")
+        folder, chat = run_dir / "model", spec.chat
+        system_prompt = run.task.model_dump().get("system_prompt")
     else:
         folder = resolve_model(str(target))
         if model_family(folder) != "decoder":
@@ -121,7 +128,7 @@ def load_model(target: str | Path) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_trained(AutoModelForCausalLM, folder, dtype=torch.float32).eval()
+    model = load_trained(AutoModelForCausalLM, folder, dtype=torch.float32).eval().to(where)
     if chat is None:
         chat = tokenizer.chat_template is not None
     return LoadedModel(model, tokenizer, chat, system_prompt, str(target))
@@ -182,6 +189,12 @@ def _encode(tokenizer: Any, texts: list[str], chat: bool) -> dict[str, torch.Ten
     return tokenizer(texts, padding=True, padding_side="left", add_special_tokens=not chat, return_tensors="pt")
 
 
+def _on(model: Any, enc: Any) -> dict[str, torch.Tensor]:
+    """Encoded prompts on the model's device."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in enc.items()}
+
+
 @torch.inference_mode()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], options: GenerationOptions | None = None, *,
              chat: bool = False, system_prompt: str | None = None) -> list[str]:
@@ -203,7 +216,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], options: Gen
             # peft's notice that it drops position ids: harmless once no prompt is padded (step 1 above)
             warnings.filterwarnings("ignore", message="Position ids are not supported", category=UserWarning)
             for start in range(0, len(texts), step):
-                enc = _encode(tokenizer, texts[start : start + step], chat)
+                enc = _on(model, _encode(tokenizer, texts[start : start + step], chat))
                 seqs = model.generate(**enc, generation_config=cfg, tokenizer=tokenizer if stops else None)
                 new = seqs[:, enc["input_ids"].shape[1] :]
                 out += [_cut(tokenizer.decode(row, skip_special_tokens=True), stops)[0] for row in new]
@@ -233,7 +246,7 @@ def stream_reply(loaded: LoadedModel, messages: list[dict[str, str]], options: G
     stops = _stops(tok, options, chat=True)
     cfg = _config(model, tok, options, stops)
     text = _render(tok, [messages], True, options.system_prompt or loaded.system_prompt)[0]
-    enc = _encode(tok, [text], chat=True)
+    enc = _on(model, _encode(tok, [text], chat=True))
     if options.seed is not None:
         set_seed(options.seed)
     streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.config import RunConfig, load_config
-from tuneforge.engine import autocast_factory, resolve_precision
+from tuneforge.engine import Runtime
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval import flatten_metrics
 from tuneforge.objectives import get_objective
@@ -32,23 +32,27 @@ def load_run(run_dir: Path, overrides: list[str]) -> RunConfig:
 
 
 def _runtime(run: RunConfig, run_dir: Path, model_dir: Path | None = None):
+    """The objective, the saved model on the run's device choice (``train.device``, overridable), the
+    runtime and the evaluation batch size."""
+    runtime = Runtime.for_run(run.train)
     objective = get_objective(run)
     built = objective.from_saved(model_dir or run_dir / "model")
-    autocast = autocast_factory(resolve_precision(run.train.precision))
+    built.model = runtime.move(built.model)
     batch_size = run.train.eval_batch_size or 2 * run.train.batch_size
-    return objective, built, autocast, batch_size
+    return objective, built, runtime, batch_size
 
 
 def _base_model(target: Path, overrides: list[str]) -> tuple[RunConfig, Path]:
     """Config and folder to score a model that is not a run (``model=<target>`` plus the overrides).
 
-    Only objectives that can score a pretrained model as it is (``evaluates_base_models``: clm, sft) accept
-    one; for the others the target must be a run directory, and that error is raised.
+    Only objectives that can score a pretrained model as it is (``spec.evaluates_base_models``: the causal
+    LMs) accept one; for the others the target must be a run directory, and that error is raised.
     """
     from tuneforge.models.registry import resolve_model
+    from tuneforge.objectives import get_spec
 
     run = load_config(None, [f"model={target}", *overrides])
-    if not getattr(get_objective(run), "evaluates_base_models", False):
+    if not get_spec(run.task.name).evaluates_base_models:
         load_run(target, overrides)  # raises: not a finished run
     return run, resolve_model(run.model.name)
 
@@ -61,22 +65,27 @@ def evaluate_file(run_dir: Path, data: Path, overrides: list[str]) -> dict[str, 
     """
     if (run_dir / "config.yaml").is_file() or (run_dir / "model").is_dir():
         run = load_run(run_dir, overrides)
-        objective, built, autocast, batch_size = _runtime(run, run_dir)
+        objective, built, runtime, batch_size = _runtime(run, run_dir)
     else:
         run, folder = _base_model(run_dir, overrides)
-        objective, built, autocast, batch_size = _runtime(run, folder, model_dir=folder)
+        objective, built, runtime, batch_size = _runtime(run, folder, model_dir=folder)
     examples = objective.read_split(data)
     batches = objective.prepare(examples, built.tokenizer, run)
-    return flatten_metrics(objective.evaluate(built.model, batches, batch_size=batch_size, autocast=autocast))
+    return flatten_metrics(objective.evaluate(built.model, batches, batch_size=batch_size, runtime=runtime))
 
 
 def predict_texts(run_dir: Path, texts: list[str], input_file: Path | None, overrides: list[str]) -> list[dict[str, Any]]:
     """Predictions for ``texts`` and/or the texts of ``input_file``, in order."""
+    from tuneforge.objectives import get_spec
+
     run = load_run(run_dir, overrides)
-    if run.task.name in ("clm", "sft"):
-        raise ConfigError(f"predict labels texts; {run_dir} is a '{run.task.name}' language-model run: "
-                          f"use `tuneforge generate {run_dir} \"prompt\"`", key="task")
-    objective, built, autocast, batch_size = _runtime(run, run_dir)
+    spec = get_spec(run.task.name)
+    if not spec.predicts:
+        instead = (f"use `tuneforge generate {run_dir} \"prompt\"`" if spec.generative
+                   else f"use `tuneforge eval {run_dir} --data FILE` for its loss and metrics")
+        raise ConfigError(f"predict labels texts; {run_dir} is a '{run.task.name}' run, which does not: {instead}",
+                          key="task")
+    objective, built, runtime, batch_size = _runtime(run, run_dir)
     pairs = None
     rows_text = list(texts)
     if input_file is not None:
@@ -87,7 +96,7 @@ def predict_texts(run_dir: Path, texts: list[str], input_file: Path | None, over
     for i, t in enumerate(rows_text):
         if not t.strip():
             raise DataError("empty text", input_file if input_file else "command line", i + 1)
-    preds = objective.predict(built, rows_text, pairs, batch_size=batch_size, autocast=autocast)
+    preds = objective.predict(built, rows_text, pairs, batch_size=batch_size, runtime=runtime)
     return [{"text": t, **p} for t, p in zip(rows_text, preds, strict=True)]
 
 
@@ -108,10 +117,12 @@ def validate_run(run: RunConfig) -> str:
     from tuneforge.models.anatomy import num_layers
     from tuneforge.models.scratch import describe, model_source
 
+    runtime = Runtime.for_run(run.train)
     objective = get_objective(run)
     _, model_config = model_source(run)  # a registry/local model, or a scratch model's config
     n_layers = num_layers(model_config)
-    lines = [f"config ok: task={run.task.name} method={run.method.name} model={describe(run)} ({n_layers} layers)"]
+    lines = [f"config ok: task={run.task.name} method={run.method.name} model={describe(run)} ({n_layers} layers) "
+             f"on {runtime.describe()}"]
     run.method.check_model(n_layers)
     if run.data.train is not None:
         data = objective.load_data(run)

@@ -81,7 +81,7 @@ def register(app: typer.Typer) -> None:
                 items.append(prompt)
         if not items:
             raise ConfigError("give prompts or --input FILE")
-        loaded = load_model(model)
+        loaded = load_model(model, device=opts.device)
         chat = opts.chat if opts.chat is not None else loaded.chat
         if any(not isinstance(p, str) for p in items):
             chat = True
@@ -108,7 +108,7 @@ def register(app: typer.Typer) -> None:
         if prompts:
             raise ConfigError(f"'{prompts[0]}' is not a key=value option of chat")
         opts = parse_options(option_args)
-        loaded = load_model(model)
+        loaded = load_model(model, device=opts.device)
         if loaded.tokenizer.chat_template is None:
             raise ConfigError(f"'{model}' has no chat template; use `tuneforge generate` for raw text, or train it "
                               "with task=sft (which stores the template it used)")

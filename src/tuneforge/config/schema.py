@@ -16,12 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validat
 
 __all__ = [
     "DataConfig",
+    "ExtensionConfig",
     "MethodConfig",
     "ModelConfig",
     "RunConfig",
     "StrictModel",
     "TaskConfig",
     "TrainConfig",
+    "register_extension_config",
     "register_method_config",
     "register_task_config",
 ]
@@ -36,17 +38,31 @@ class StrictModel(BaseModel):
 # --------------------------------------------------------------------------- registries of named blocks
 _METHOD_CONFIGS: dict[str, type[MethodConfig]] = {}
 _TASK_CONFIGS: dict[str, type[TaskConfig]] = {}
+_EXTENSION_CONFIGS: dict[str, type[ExtensionConfig]] = {}
 
 
 class MethodConfig(StrictModel):
-    """Options of a fine-tuning method; subclasses add method-specific fields."""
+    """Options of a fine-tuning method; subclasses add method-specific fields.
+
+    The class variables declare what the method is, so objectives refuse combinations by capability
+    (never by a method's name) at config validation, before any model loads.
+    """
 
     name: str = "full"
     #: learning rate used when ``train.lr`` is not set (methods differ by an order of magnitude).
     default_lr: ClassVar[float] = 5e-5
+    #: the method adds virtual tokens / past key-values shared by a whole row (prefix, prompt, P-tuning v2)
+    virtual_tokens: ClassVar[bool] = False
+    #: only a separate task head trains (frozen backbone): objectives without such a head refuse it
+    head_only: ClassVar[bool] = False
+    #: the method can train a randomly initialised model (model.init=scratch), i.e. it trains it whole
+    from_scratch: ClassVar[bool] = False
 
     def check_model(self, n_layers: int) -> None:
         """Raise `ConfigError` when the method's options cannot fit a model with ``n_layers`` blocks."""
+
+    def check_run(self, run: Any) -> None:
+        """Cross-field checks against the whole run (raise `ValueError` naming the keys)."""
 
 
 class TaskConfig(StrictModel):
@@ -54,6 +70,18 @@ class TaskConfig(StrictModel):
 
     name: str = "classification"
     general_eval: Path | None = Field(None, description="held-out general file: forgetting report before/after")
+
+    def check_run(self, run: Any) -> None:
+        """Cross-field checks against the whole run (raise `ValueError` naming the keys)."""
+
+
+class ExtensionConfig(StrictModel):
+    """Options of a run extension (``extensions: [{name: NAME, ...}]``); subclasses add their fields."""
+
+    name: str
+
+    def check_run(self, run: Any) -> None:
+        """Cross-field checks against the whole run (raise `ValueError` naming the keys)."""
 
 
 def register_method_config(name: str, cls: type[MethodConfig]) -> None:
@@ -66,11 +94,18 @@ def register_task_config(name: str, cls: type[TaskConfig]) -> None:
     _TASK_CONFIGS[name] = cls
 
 
+def register_extension_config(name: str, cls: type[ExtensionConfig]) -> None:
+    """Make ``extensions: [{name: NAME, ...}]`` validate with ``cls``."""
+    _EXTENSION_CONFIGS[name] = cls
+
+
 def _ensure_registries() -> None:
-    # Importing the packages runs their one-line registrations. Config classes live in modules that
-    # do not import torch, so validating a recipe stays fast.
-    import tuneforge.methods
-    import tuneforge.objectives  # noqa: F401
+    # The leaf registries import their plugin packages on first use, which runs the one-line
+    # registrations; config classes live in modules that do not import torch, so validating stays fast.
+    from tuneforge.registry import EXTENSIONS, METHODS, OBJECTIVES
+
+    for registry in (METHODS, OBJECTIVES, EXTENSIONS):
+        registry.names()
 
 
 def _named_block(value: Any, registry: dict[str, type[StrictModel]], what: str) -> Any:
@@ -81,7 +116,7 @@ def _named_block(value: Any, registry: dict[str, type[StrictModel]], what: str) 
     if not isinstance(value, dict):
         raise ValueError(f"expected a {what} name or a mapping with 'name', got {value!r}")
     _ensure_registries()
-    name = value.get("name", "full" if what == "method" else "classification")
+    name = value.get("name", {"method": "full", "task": "classification"}.get(what))
     if name not in registry:
         allowed = ", ".join(sorted(registry))
         raise ValueError(f"unknown {what} '{name}'; allowed: {allowed}")
@@ -172,7 +207,11 @@ class TrainConfig(StrictModel):
     layer_lr_decay: float | None = Field(
         None, gt=0, le=1, description="layer-wise LR decay factor per layer from the head down"
     )
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast when the CPU has it")
+    device: str = Field("auto", description="auto (the best present: cuda, then mps, then cpu) | cpu | cuda | "
+                        "cuda:N | mps")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto = bf16 autocast where the device has it (CUDA with bf16, CPUs with "
+        "AVX512-BF16/AMX), fp16 with a grad scaler on older GPUs, else fp32; weights stay fp32")
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
     seed: int = 42
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: each epoch)")
@@ -190,6 +229,15 @@ class TrainConfig(StrictModel):
     log_steps: int = Field(10, ge=1, description="log train loss/lr every N steps")
     tensorboard: bool = True
 
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"'{v}' is not a device; allowed: auto, cpu, cuda, cuda:N, mps")
+        return v
+
 
 class RunConfig(StrictModel):
     """A whole run: model × method × task × data, plus the loop settings and where outputs go."""
@@ -199,6 +247,8 @@ class RunConfig(StrictModel):
     method: SerializeAsAny[MethodConfig] = Field("full", validate_default=True)  # type: ignore[assignment]
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    extensions: list[SerializeAsAny[ExtensionConfig]] = Field(
+        default_factory=list, description="run extensions with their options, e.g. [{name: samples, count: 3}]")
     output_dir: Path | None = Field(None, description="run directory (default runs/<task>-<time>)")
 
     @field_validator("model", mode="before")
@@ -216,6 +266,24 @@ class RunConfig(StrictModel):
     def _task_block(cls, v: Any) -> Any:
         return _named_block(v, _TASK_CONFIGS, "task")
 
+    @field_validator("extensions", mode="before")
+    @classmethod
+    def _extension_blocks(cls, v: Any) -> Any:
+        if v is None:
+            return []
+        if not isinstance(v, list):
+            v = [v]
+        blocks = [_named_block(b, _EXTENSION_CONFIGS, "extension") for b in v]
+        names = [b.name for b in blocks]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"extension {', '.join(twice)} is listed more than once")
+        return blocks
+
+    def extension(self, name: str) -> ExtensionConfig | None:
+        """The options block of extension ``name`` when the recipe lists it."""
+        return next((b for b in self.extensions if b.name == name), None)
+
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         d, t = self.data, self.train
@@ -225,15 +293,14 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "train.early_stopping_patience needs several evaluations: set train.eval_steps or train.epochs >= 2"
             )
-        if self.model.init == "scratch" and self.method.name not in ("full", "partial"):
+        if self.model.init == "scratch" and not self.method.from_scratch:
+            allowed = ", ".join(sorted(n for n, c in _METHOD_CONFIGS.items() if c.from_scratch))
             raise ValueError(f"method.name '{self.method.name}' adapts pretrained weights; a model.init=scratch model "
-                             "trains whole (allowed: full, partial)")
-        check = getattr(self.method, "check_run", None)
-        if check is not None:
-            check(self)
-        check = getattr(self.task, "check_run", None)
-        if check is not None:
-            check(self)
+                             f"trains whole (allowed: {allowed})")
+        self.method.check_run(self)
+        self.task.check_run(self)
+        for block in self.extensions:
+            block.check_run(self)
         return self
 
     @property

@@ -2,7 +2,10 @@
 
 A checkpoint is a folder ``checkpoints/step-00000123`` holding the trainable parameters
 (``trainable.safetensors``; frozen weights never change, so they are not copied), the optimizer and
-scheduler state, the RNG states and ``state.json`` (step, data position, best metric, counters). The
+scheduler state (and the fp16 gradient scaler's), the RNG states (Python, torch CPU and CUDA, see
+`Runtime.rng_state`), the state of run extensions (``extra.pt``) and ``state.json`` (step, data position,
+best metric, counters). Tensors are loaded onto the CPU and copied into the model wherever it lives, so a
+checkpoint written on a GPU resumes on a CPU and the other way round. The
 folder is built under a temporary name and renamed into place, so a crash at any instant leaves either the
 previous set of checkpoints or the new one, never a half-written one.
 """
@@ -10,7 +13,6 @@ previous set of checkpoints or the new one, never a half-written one.
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -21,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tuneforge.engine.runtime import Runtime
 from tuneforge.track.atomic import atomic_directory
 
 __all__ = ["TrainerState", "latest_checkpoint", "load_checkpoint", "rotate_checkpoints", "save_checkpoint"]
@@ -61,15 +64,19 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    ckpt_root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainerState
+    ckpt_root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainerState,
+    *, runtime: Runtime | None = None, extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``ckpt_root/step-NNNNNNNN`` atomically; returns its path."""
+    """Write ``ckpt_root/step-NNNNNNNN`` atomically; returns its path. ``extra``: other state to keep
+    (the gradient scaler's, run extensions'), restored by `load_checkpoint`."""
     final = ckpt_root / f"step-{state.step:08d}"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     with atomic_directory(final) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+        torch.save((runtime or Runtime.cpu()).rng_state(), tmp / "rng.pt")
+        if extra:
+            torch.save(extra, tmp / "extra.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
     return final
 
@@ -105,16 +112,17 @@ def load_trainable(model: nn.Module, ckpt: Path) -> None:
 
 def load_checkpoint(
     ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
-) -> TrainerState:
-    """Restore model, optimizer, scheduler and RNG from ``ckpt``; returns its trainer state."""
+) -> tuple[TrainerState, dict[str, Any]]:
+    """Restore model, optimizer, scheduler and RNG from ``ckpt``; returns its trainer state and the
+    ``extra`` state saved with it (empty when none)."""
     load_trainable(model, ckpt)
-    optim = torch.load(ckpt / "optim.pt", weights_only=False)
+    # map_location: a GPU checkpoint opens on a CPU; load_state_dict moves optimizer state to each parameter
+    optim = torch.load(ckpt / "optim.pt", weights_only=False, map_location="cpu")
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
-    rng = torch.load(ckpt / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    return TrainerState(**json.loads((ckpt / "state.json").read_text(encoding="utf-8")))
+    Runtime.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False, map_location="cpu"))
+    extra = torch.load(ckpt / "extra.pt", weights_only=False, map_location="cpu") if (ckpt / "extra.pt").is_file() else {}
+    return TrainerState(**json.loads((ckpt / "state.json").read_text(encoding="utf-8"))), extra
 
 
 def rotate_checkpoints(ckpt_root: Path, keep_last: int, protect: int | None) -> None:

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from tuneforge.export.merge import MODEL_CLASSES, MergeResult, MergeUnsupportedError, merge_run, model_class
+from tuneforge.export.merge import MergeResult, MergeUnsupportedError, merge_run
 
-__all__ = ["MODEL_CLASSES", "MergeResult", "MergeUnsupportedError", "merge_run", "model_class"]
+__all__ = ["MergeResult", "MergeUnsupportedError", "merge_run"]

@@ -1,6 +1,6 @@
 """``tuneforge merge RUN_DIR OUT_DIR``: fold a run's method into plain transformers weights.
 
-The method runtime's ``merge(model)`` (see `tuneforge.methods.saved`) turns the trained model into the
+The method's declared ``merge(model)`` (`MethodRuntime`, see `tuneforge.methods.saved`) turns the trained model into the
 base architecture with the update folded into its weights (LoRA/DoRA/IA3 via peft, QLoRA after
 dequantising). OUT_DIR is then laid out like a run directory, so ``tuneforge predict/eval OUT_DIR`` work,
 while ``OUT_DIR/model`` is a plain Hugging Face folder that transformers loads without tuneforge or peft:
@@ -9,7 +9,7 @@ while ``OUT_DIR/model`` is a plain Hugging Face folder that transformers loads w
     OUT_DIR/model/             save_pretrained weights + config, tokenizer, labels.json
     OUT_DIR/merge.json         what was merged, from where, and the merged-vs-unmerged probe difference
 
-Methods that cannot be merged (prefix, prompt: extra inputs, not weights) set ``MERGE_UNSUPPORTED``;
+Methods that cannot be merged (prefix, prompt: extra inputs, not weights) say why in ``merge_unsupported``;
 merge then stops with that reason (exit 2) unless ``export=True``, which writes a self-contained folder
 instead: the method weights, a copy of the base model under ``model/base`` and a manifest pointing there,
 loadable by tuneforge (the manifest holds an absolute path, so move such a folder by exporting again).
@@ -26,18 +26,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from tuneforge.engine.runtime import Runtime
 from tuneforge.errors import ConfigError, TuneforgeError
 from tuneforge.inference import load_run
 from tuneforge.methods import get_method
 from tuneforge.methods._peft import task_type
 from tuneforge.methods.saved import METHOD_FILE, load_trained, read_manifest
-from tuneforge.objectives import get_objective
+from tuneforge.objectives import get_spec
 from tuneforge.track import atomic_directory, atomic_write_json
 
-__all__ = ["MODEL_CLASSES", "MergeResult", "MergeUnsupportedError", "merge_run", "model_class"]
-
-#: transformers auto class per task name, for objectives that do not set a ``model_class`` attribute.
-MODEL_CLASSES: dict[str, str] = {"classification": "AutoModelForSequenceClassification"}
+__all__ = ["MergeResult", "MergeUnsupportedError", "merge_run"]
 
 # Files of a saved method folder that are not carried into a merged folder (weights are re-saved).
 _METHOD_FILES = {METHOD_FILE, "adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "config.json",
@@ -60,20 +58,6 @@ class MergeResult:
     max_abs_diff: float | None = None
 
 
-def model_class(objective: Any) -> Any:
-    """The transformers class that loads the objective's model: ``objective.model_class`` or `MODEL_CLASSES`."""
-    cls = getattr(objective, "model_class", None)
-    if cls is not None:
-        return cls
-    name = MODEL_CLASSES.get(objective.name)
-    if name is None:
-        raise ConfigError(f"merge does not know which model class loads task '{objective.name}' "
-                          f"(known: {', '.join(sorted(MODEL_CLASSES))})", key="task")
-    import transformers
-
-    return getattr(transformers, name)
-
-
 def merge_run(run_dir: Path, out_dir: Path, *, export: bool = False, overwrite: bool = False) -> MergeResult:
     """Merge (or, with ``export``, package) the model of ``run_dir`` into ``out_dir``; see module docstring."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -91,18 +75,18 @@ def merge_run(run_dir: Path, out_dir: Path, *, export: bool = False, overwrite: 
         return MergeResult(out_dir, "copied", run.method.name)
 
     method = manifest["method"]
-    runtime = get_method(method).runtime()
-    merge = getattr(runtime, "merge", None)
+    merge = get_method(method).runtime().merge
     if merge is None:
-        reason = getattr(runtime, "MERGE_UNSUPPORTED", "the method defines no merge")
+        reason = get_method(method).runtime().merge_unsupported or "the method defines no merge"
         if not export:
             raise MergeUnsupportedError(f"method '{method}' cannot be merged into plain weights: {reason}; "
                                         f"`tuneforge merge {run_dir} {out_dir} --export` writes a self-contained "
                                         "folder that tuneforge loads instead")
         return _export(run_dir, out_dir, manifest)
 
-    model = load_trained(model_class(get_objective(run)), model_dir, dtype=torch.float32).eval()
-    probe = _probe_inputs(model)
+    device = Runtime.for_run(run.train).device  # fp32 always: merged weights are saved as they are computed
+    model = load_trained(get_spec(run.task.name).model_cls(), model_dir, dtype=torch.float32).eval().to(device)
+    probe = {k: v.to(device) for k, v in _probe_inputs(model).items()}
     with torch.no_grad():
         before = model(**probe).logits.float()
         merged = merge(model).eval()

@@ -1,15 +1,15 @@
 """Fine-tuning methods, one folder each, registered by one line below.
 
 A method is a config class (``<name>/config.py``, no torch import, so recipes validate fast) and a
-runtime module (``<name>/apply.py``) with ``apply(model, run, ctx) -> model``; it may also define
-``training_view(...)`` to train on something other than the full model (the frozen method trains the
-head on cached features). Methods wrap models from outside and never edit model code.
+runtime module (``<name>/apply.py``) whose ``METHOD = MethodRuntime(apply=..., ...)`` declares what the
+method can do (save/load, merge, a training view, a reference context, several adapters on one base;
+see `methods.base`). Methods wrap models from outside and never edit model code.
 """
 
 from __future__ import annotations
 
 from tuneforge.methods.adapter.config import AdapterConfig
-from tuneforge.methods.base import METHODS, MethodContext, MethodSpec, get_method, register
+from tuneforge.methods.base import METHODS, MethodContext, MethodRuntime, MethodSpec, get_method, register
 from tuneforge.methods.bitfit.config import BitFitConfig
 from tuneforge.methods.frozen.config import FrozenConfig
 from tuneforge.methods.full.config import FullConfig
@@ -33,4 +33,4 @@ register(MethodSpec("prefix", PrefixConfig, "tuneforge.methods.prefix.apply"))
 register(MethodSpec("ptuning_v2", PtuningV2Config, "tuneforge.methods.ptuning_v2.apply"))
 register(MethodSpec("prompt", PromptConfig, "tuneforge.methods.prompt.apply"))
 
-__all__ = ["METHODS", "MethodContext", "MethodSpec", "get_method", "register"]
+__all__ = ["METHODS", "MethodContext", "MethodRuntime", "MethodSpec", "get_method", "register"]

@@ -1,12 +1,12 @@
 """Saving and loading a trained model whatever the method, so every verb loads runs the same way.
 
-A method's runtime module (``methods/<name>/apply.py``) may define, besides ``apply``:
+A method's `MethodRuntime` (``methods/<name>/apply.py``: ``METHOD``) may declare, besides ``apply``:
 
 * ``save(model, folder)``: write what the method trained (e.g. adapter weights only). Absent: the whole
   model is written with ``save_pretrained`` (full, frozen, partial).
 * ``load(base_model, folder, method_cfg) -> model``: the inverse of ``save`` on a freshly loaded base.
 * ``merge(model) -> model``: fold the method into plain transformers weights (LoRA, IA3, BitFit...).
-  Absent, the module sets ``MERGE_UNSUPPORTED = "<why>"``.
+  Absent, ``merge_unsupported`` says why.
 
 When ``save`` exists, the folder also gets the model's ``config.json`` (so the head shape is known) and
 ``tuneforge_method.json`` naming the method, its options and the base model folder; `load_trained`
@@ -35,12 +35,11 @@ def save_trained(model: nn.Module, folder: Path, method_cfg: Any, base_model: Pa
     from tuneforge.methods import get_method
 
     runtime = get_method(method_cfg.name).runtime()
-    save = getattr(runtime, "save", None)
-    if save is None:
+    if runtime.save is None:
         model.save_pretrained(folder)
         return
-    save(model, folder)
-    config = getattr(model, "config", None) or model.get_base_model().config
+    runtime.save(model, folder)
+    config = model.config if hasattr(model, "config") else model.get_base_model().config
     config.save_pretrained(folder)
     atomic_write_json(folder / METHOD_FILE, {
         "method": method_cfg.name, "options": method_cfg.model_dump(mode="json"), "base_model": str(base_model),

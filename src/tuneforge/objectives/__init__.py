@@ -1,4 +1,8 @@
-"""Training objectives, one module each, registered by one line below (see `objectives.base`)."""
+"""Training objectives, one module each, registered by one line below (see `objectives.base`).
+
+Importing this package imports only the torch-free config classes; an objective's module (and torch)
+loads when a run creates it. Each line declares what the objective can do (`ObjectiveSpec`).
+"""
 
 from __future__ import annotations
 
@@ -9,18 +13,24 @@ from tuneforge.objectives.base import (
     ObjectiveSpec,
     TaskData,
     get_objective,
+    get_spec,
     register,
 )
-from tuneforge.objectives.classification import ClassificationConfig
-from tuneforge.objectives.clm import ClmConfig
-from tuneforge.objectives.mlm import MLMConfig
-from tuneforge.objectives.sft import SftConfig
-from tuneforge.objectives.span_corruption import SpanCorruptionConfig
+from tuneforge.objectives.configs.classification import ClassificationConfig
+from tuneforge.objectives.configs.clm import ClmConfig
+from tuneforge.objectives.configs.mlm import MLMConfig
+from tuneforge.objectives.configs.sft import SftConfig
+from tuneforge.objectives.configs.span_corruption import SpanCorruptionConfig
 
-register(ObjectiveSpec("classification", ClassificationConfig, "tuneforge.objectives.classification"))
-register(ObjectiveSpec("clm", ClmConfig, "tuneforge.objectives.clm"))
-register(ObjectiveSpec("sft", SftConfig, "tuneforge.objectives.sft"))
-register(ObjectiveSpec("mlm", MLMConfig, "tuneforge.objectives.mlm"))
-register(ObjectiveSpec("span_corruption", SpanCorruptionConfig, "tuneforge.objectives.span_corruption"))
+_LM = {"generative": True, "model_class": "AutoModelForCausalLM", "pretrained_head": True,
+       "evaluates_base_models": True}
 
-__all__ = ["OBJECTIVES", "Built", "Objective", "ObjectiveSpec", "TaskData", "get_objective", "register"]
+register(ObjectiveSpec("classification", ClassificationConfig, "tuneforge.objectives.classification",
+                       model_class="AutoModelForSequenceClassification", predicts=True, feature_head=True))
+register(ObjectiveSpec("clm", ClmConfig, "tuneforge.objectives.clm", **_LM))
+register(ObjectiveSpec("sft", SftConfig, "tuneforge.objectives.sft", chat=True, **_LM))
+register(ObjectiveSpec("mlm", MLMConfig, "tuneforge.objectives.mlm", model_class="AutoModelForMaskedLM"))
+register(ObjectiveSpec("span_corruption", SpanCorruptionConfig, "tuneforge.objectives.span_corruption",
+                       model_class="T5ForConditionalGeneration"))
+
+__all__ = ["OBJECTIVES", "Built", "Objective", "ObjectiveSpec", "TaskData", "get_objective", "get_spec", "register"]

@@ -1,26 +1,55 @@
-"""The objective contract (a Protocol, not a base class) and the registry.
+"""The objective contract (a Protocol, not a base class), its declared capabilities and the registry.
 
 An objective owns everything task-specific: reading and validating its data (before any model loads),
-building the model with the right head, tokenizing, the loss, evaluation metrics and prediction. The
-engine only calls ``loss`` and ``evaluate``; the pipeline calls the rest in order.
+building the model with the right head, tokenizing, the forward pass and the loss computed from its
+outputs, evaluation metrics and prediction. The loop calls ``forward``, ``loss`` and ``evaluate``; the
+pipeline calls the rest in order.
+
+``forward(model, batch) -> outputs`` and ``loss(outputs, batch) -> Tensor`` are separate (torchtune's
+``_loss_step``) so that a run extension can add a term from the same outputs (distillation needs the
+logits) or from the parameters (L2-SP) without the objective knowing. ``outputs`` has ``.logits``: the
+scores the loss is computed from (``[B, C]`` for classification, ``[N, V]`` at the N supervised token
+positions for the language-model objectives, see `TokenLogits`).
+
+What an objective *can* do beyond the Protocol is declared in its `ObjectiveSpec` (``generative``,
+``pretrained_head``, ``feature_head`` ...) and every caller asks the spec, never the objective's name.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tuneforge.config.schema import RunConfig, TaskConfig, register_task_config
-from tuneforge.data.batching import Batches
 from tuneforge.errors import ConfigError
+from tuneforge.registry import OBJECTIVES
 
-__all__ = ["OBJECTIVES", "Built", "Objective", "ObjectiveSpec", "TaskData", "get_objective", "register"]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from tuneforge.data.batching import Batches
+    from tuneforge.engine.runtime import Runtime
+
+__all__ = [
+    "OBJECTIVES",
+    "Built",
+    "FeatureHeadObjective",
+    "GenerativeObjective",
+    "Objective",
+    "ObjectiveSpec",
+    "PredictiveObjective",
+    "TaskData",
+    "TokenLogits",
+    "eval_batches",
+    "get_objective",
+    "get_spec",
+    "register",
+    "step_loss",
+]
 
 
 @dataclass
@@ -44,50 +73,154 @@ class Built:
     newly_initialized: list[str] = field(default_factory=list)
 
 
+@dataclass
+class TokenLogits:
+    """Outputs of a token-level objective: ``logits`` [N, V] at the N supervised positions of a batch and
+    the ``targets`` [N] they are scored against, in the same order."""
+
+    logits: torch.Tensor
+    targets: torch.Tensor
+
+
 class Objective(Protocol):
+    """What every objective implements (see module docstring)."""
+
     name: str
     default_metric: str
     greater_is_better: bool
+    spec: ObjectiveSpec
 
-    def load_data(self, run: RunConfig) -> TaskData: ...
+    def load_data(self, run: RunConfig) -> TaskData:
+        """Read and validate every split named by ``run.data`` (before any model loads)."""
 
-    def build(self, run: RunConfig, model_path: Path, data: TaskData) -> Built: ...
+    def build(self, run: RunConfig, model_path: Path, data: TaskData) -> Built:
+        """Load (or create) the model with this objective's head, and its tokenizer."""
 
-    def prepare(self, records: Any, tokenizer: Any, run: RunConfig) -> Batches: ...
+    def prepare(self, records: Any, tokenizer: Any, run: RunConfig) -> Batches:
+        """Tokenize one split into batches the loop can plan and collate."""
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+        """The model outputs of one (device-resident) batch; they carry ``.logits``."""
 
-    def evaluate(
-        self, model: nn.Module, data: Batches, *, batch_size: int, autocast: Callable[[], Any]
-    ) -> dict[str, Any]: ...
+    def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The objective's scalar loss from ``forward``'s outputs."""
 
-    def save_artifacts(self, out_dir: Path, data: TaskData) -> None: ...
+    def evaluate(self, model: nn.Module, data: Batches, *, batch_size: int, runtime: Runtime) -> dict[str, Any]:
+        """Metrics over a whole split (``loss`` among them), computed on ``runtime``'s device."""
+
+    def save_artifacts(self, out_dir: Path, data: TaskData) -> None:
+        """Files besides the HF folder that reloading needs (e.g. ``labels.json``)."""
+
+    def from_saved(self, model_dir: Path) -> Built:
+        """Load a saved model folder (any method, see `methods.saved`) for eval/predict/compare."""
+
+    def read_split(self, path: Path) -> Any:
+        """Read and validate an extra evaluation file (``tuneforge eval``, the forgetting report)."""
+
+    def baseline_metrics(self, train: Any, records: Any) -> dict[str, float]:
+        """Reference numbers for a split that need no model (e.g. majority-class accuracy); may be empty."""
+
+
+class GenerativeObjective(Objective, Protocol):
+    """Objectives whose spec says ``generative=True``: a causal LM that generate/chat can use."""
+
+    def report_samples(self, model: nn.Module, tokenizer: Any) -> list[dict[str, Any]]:
+        """A few held-out prompts with the model's greedy ``generation`` (the report's before/after)."""
+
+
+class PredictiveObjective(Objective, Protocol):
+    """Objectives whose spec says ``predicts=True``: ``tuneforge predict`` labels texts with them."""
+
+    def read_inputs(self, path: Path) -> tuple[list[str], list[str] | None]:
+        """Texts (and pairs) of a prediction input file."""
+
+    def predict(self, built: Built, texts: list[str], pairs: list[str] | None, *, batch_size: int,
+                runtime: Runtime) -> list[dict[str, Any]]:
+        """One prediction row per text, in order."""
+
+
+class FeatureHeadObjective(Objective, Protocol):
+    """Objectives whose spec says ``feature_head=True``: the frozen method can cache backbone features."""
+
+    def feature_head(self, model: nn.Module) -> tuple[Callable[[dict], torch.Tensor], nn.Module]:
+        """(batch -> the features the head reads, module mapping cached features to outputs)."""
 
 
 @dataclass(frozen=True)
 class ObjectiveSpec:
-    """A registered objective: name, config class and the module whose ``OBJECTIVE`` class implements it."""
+    """A registered objective: name, config class, the module whose ``OBJECTIVE`` class implements it, and
+    what it can do.
+
+    Attributes:
+        generative: a causal LM (``generate``/``chat`` accept its runs; its report has before/after samples).
+        model_class: the transformers auto class that loads its saved model (``tuneforge merge``).
+        pretrained_head: the output layer is pretrained (an LM head), not a task head: methods treat only
+            weights the checkpoint lacked as the head.
+        evaluates_base_models: ``tuneforge eval MODEL`` can score a pretrained model as it is.
+        chat: generative and trained on conversations (``generate`` defaults to chat mode for its runs).
+        predicts: ``tuneforge predict`` labels texts with it (implements `PredictiveObjective`).
+        feature_head: implements `FeatureHeadObjective` (the frozen method caches features).
+        loop: the training loop shape (`tuneforge.engine.loops`), ``supervised`` by default.
+    """
 
     name: str
     config: type[TaskConfig]
     module: str
+    generative: bool = False
+    model_class: str = ""
+    pretrained_head: bool = False
+    evaluates_base_models: bool = False
+    chat: bool = False
+    predicts: bool = False
+    feature_head: bool = False
+    loop: str = "supervised"
 
     def create(self, run: RunConfig) -> Objective:
         """Instantiate the objective for one run (it may keep run state, e.g. class weights)."""
-        return importlib.import_module(self.module).OBJECTIVE(run)
+        objective = importlib.import_module(self.module).OBJECTIVE(run)
+        objective.spec = self
+        return objective
 
+    def model_cls(self) -> Any:
+        """The transformers class named by ``model_class``."""
+        if not self.model_class:
+            raise ConfigError(f"task '{self.name}' declares no model class to load its saved model", key="task")
+        import transformers
 
-OBJECTIVES: dict[str, ObjectiveSpec] = {}
+        return getattr(transformers, self.model_class)
 
 
 def register(spec: ObjectiveSpec) -> None:
-    OBJECTIVES[spec.name] = spec
+    """One line per objective in ``objectives/__init__.py``; a second registration of a name raises."""
+    OBJECTIVES.register(spec.name, spec)
     register_task_config(spec.name, spec.config)
+
+
+def get_spec(name: str) -> ObjectiveSpec:
+    return OBJECTIVES.get(name)
 
 
 def get_objective(run: RunConfig) -> Objective:
     """The objective of ``run.task``, instantiated for that run."""
-    name = run.task.name
-    if name not in OBJECTIVES:
-        raise ConfigError(f"unknown task '{name}'; allowed: {', '.join(sorted(OBJECTIVES))}", key="task")
-    return OBJECTIVES[name].create(run)
+    return get_spec(run.task.name).create(run)
+
+
+def step_loss(objective: Objective, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``loss(forward(model, batch), batch)``: the objective's loss on one batch."""
+    return objective.loss(objective.forward(model, batch), batch)
+
+
+def eval_batches(model: nn.Module, data: Batches, batch_size: int, runtime: Runtime,
+                 collate: Callable[[list[int]], dict[str, Any]] | None = None
+                 ) -> Iterator[tuple[list[int], dict[str, Any]]]:
+    """(indices, device batch) over ``data`` in order, the model in eval mode under inference mode and
+    autocast; the model's train/eval mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    collate = collate or data.collate
+    try:
+        with runtime.inference():
+            for indices in data.plan(0, batch_size, seed=0, shuffle=False):
+                yield indices, runtime.to_device(collate(indices))
+    finally:
+        model.train(was_training)

@@ -8,10 +8,9 @@ supervised tokens of a micro-batch; evaluation sums NLL and token counts over th
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -20,42 +19,24 @@ from torch import nn
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.batching import Batches
 from tuneforge.errors import ConfigError
-from tuneforge.eval.lm import IGNORE_INDEX, perplexity, shifted_nll
-from tuneforge.objectives.base import Built
+from tuneforge.eval.lm import IGNORE_INDEX, perplexity
+from tuneforge.objectives.base import Built, TokenLogits, eval_batches
+
+if TYPE_CHECKING:
+    from tuneforge.engine.runtime import Runtime
 
 __all__ = [
-    "VIRTUAL_TOKEN_METHODS",
     "CausalLMObjective",
     "check_decoder",
-    "check_lm_method",
     "check_packed_attention",
     "evaluate_lm",
     "forward_nll",
+    "lm_forward",
     "lm_loss",
     "load_causal_lm",
     "saved_causal_lm",
     "supervised_positions_only",
 ]
-
-
-#: Methods that give every sequence shared virtual tokens or past key/values, which a packed row cannot
-#: give to each of its documents (the packing check at the first training step catches any others).
-VIRTUAL_TOKEN_METHODS = frozenset({"prefix", "prompt", "ptuning_v2"})
-
-
-def check_lm_method(run: Any) -> None:
-    """Cross-field checks (run from the task config): no 'frozen', no document packing with virtual tokens."""
-    if run.method.name == "frozen":
-        raise ValueError(
-            f"method.name 'frozen' trains only a task head on cached features, and task '{run.task.name}' has "
-            "none (the LM head is the pretrained output layer); use full, partial or a PEFT method"
-        )
-    if getattr(run.task, "packing", None) == "documents" and run.method.name in VIRTUAL_TOKEN_METHODS:
-        other = "blocks" if run.task.name == "clm" else "none"
-        raise ValueError(
-            f"task.packing 'documents' cannot keep packed documents apart under method '{run.method.name}' (its "
-            f"virtual tokens belong to the whole row); use task.packing={other}"
-        )
 
 
 def check_decoder(run: RunConfig) -> Path:
@@ -107,12 +88,13 @@ def check_packed_attention(model: nn.Module, name: str) -> None:
     """
     was_training = model.training
     model.eval()
-    vocab = model.get_input_embeddings().num_embeddings
-    ids = torch.arange(1, 7).remainder(vocab)[None]
-    with torch.autocast("cpu", enabled=False):  # fp32: bf16 noise would blur the comparison
+    emb = model.get_input_embeddings()
+    ids = torch.arange(1, 7, device=emb.weight.device).remainder(emb.num_embeddings)[None]
+    with torch.autocast(ids.device.type, enabled=False):  # fp32: bf16 noise would blur the comparison
         # [-3:]: methods that prepend virtual tokens (prompt tuning) return logits for those too
         alone = model(input_ids=ids[:, 3:], use_cache=False).logits[:, -3:]
-        packed = model(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]), use_cache=False).logits[:, -3:]
+        positions = torch.tensor([[0, 1, 2, 0, 1, 2]], device=ids.device)
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, -3:]
     model.train(was_training)
     # Kernels differ between the two calls (~1e-5 relative); a leak changes logits by O(their scale).
     scale = float(alone.abs().max())
@@ -121,8 +103,8 @@ def check_packed_attention(model: nn.Module, name: str) -> None:
                           "position_ids; use task.packing=blocks or none", key="task.packing")
 
 
-def forward_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token NLL, scored tokens) of one batch.
+def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenLogits:
+    """Next-token logits at the positions whose next token is supervised, with those tokens as targets.
 
     Packed rows carry ``position_ids`` and no attention mask, which is what makes transformers build a
     per-document causal mask; ``use_cache=False`` is required for that detection (and saves memory).
@@ -142,16 +124,30 @@ def forward_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and not bool(scored.all()):
+    every = bool(scored.all())
+    if head is not None and not every:
         with supervised_positions_only(head, scored):
             logits = model(**inputs, use_cache=False).logits
         if logits.dim() == 2:  # the hook ran: one row of logits per scored position
-            total = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
-            return total, scored.sum()
+            return TokenLogits(logits, targets[scored])
     else:
         logits = model(**inputs, use_cache=False).logits
     # prompt tuning prepends virtual tokens: their logits come first and have no labels
-    return shifted_nll(logits[:, logits.shape[1] - labels.shape[1] :], labels)
+    logits = logits[:, logits.shape[1] - labels.shape[1] :][:, :-1]
+    if every:  # a view, no copy of the [B, T, V] logits
+        return TokenLogits(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    return TokenLogits(logits[scored], targets[scored])
+
+
+def token_nll(outputs: TokenLogits) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of NLL, scored tokens) of `lm_forward`'s outputs."""
+    total = F.cross_entropy(outputs.logits.float(), outputs.targets, reduction="sum")
+    return total, torch.tensor(outputs.targets.numel(), device=outputs.targets.device)
+
+
+def forward_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token NLL, scored tokens) of one batch (see `lm_forward`)."""
+    return token_nll(lm_forward(model, batch))
 
 
 @contextmanager
@@ -183,16 +179,12 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return total / count.clamp(min=1)
 
 
-def evaluate_lm(model: nn.Module, data: Batches, *, batch_size: int, autocast: Callable[[], Any]) -> dict[str, Any]:
+def evaluate_lm(model: nn.Module, data: Batches, *, batch_size: int, runtime: Runtime) -> dict[str, Any]:
     """Token-weighted ``loss`` (mean NLL), ``perplexity`` and the number of scored ``tokens``."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    with torch.inference_mode(), autocast():
-        for indices in data.plan(0, batch_size, seed=0, shuffle=False):
-            nll, n = forward_nll(model, data.collate(indices))
-            total, count = total + float(nll), count + int(n)
-    model.train(was_training)
+    for _, batch in eval_batches(model, data, batch_size, runtime):
+        nll, n = forward_nll(model, batch)
+        total, count = total + float(nll), count + int(n)
     if count == 0:
         raise ConfigError("the evaluation data has no tokens to score (all empty or cut off by data.max_length)")
     mean = total / count
@@ -207,26 +199,26 @@ class CausalLMObjective:
     name = ""
     default_metric = "loss"
     greater_is_better = False
-    evaluates_base_models = True  # `tuneforge eval smollm2-135m --data F task=...` scores the model as it is
-    pretrained_head = True  # lm_head is pretrained: methods (LoRA, BitFit...) must not train it whole
-
-    @property
-    def model_class(self) -> Any:
-        """The transformers class that loads the saved model (used by `tuneforge merge`)."""
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM
 
     def __init__(self, run: RunConfig):
         self.run = run
         self.notes: list[str] = []
         self._packing_checked = False
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenLogits:
         if "position_ids" in batch and not self._packing_checked:  # the model as the method wrapped it
             check_packed_attention(model, self.run.model.name)
             self._packing_checked = True
-        return lm_loss(model, batch)
+        return lm_forward(model, batch)
 
-    def evaluate(self, model: nn.Module, data: Batches, *, batch_size: int, autocast: Callable[[], Any]) -> dict[str, Any]:
-        return evaluate_lm(model, data, batch_size=batch_size, autocast=autocast)
+    def loss(self, outputs: TokenLogits, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token NLL over the supervised tokens (0 when the batch has none)."""
+        total, count = token_nll(outputs)
+        return total / count.clamp(min=1)
+
+    def evaluate(self, model: nn.Module, data: Batches, *, batch_size: int, runtime: Runtime) -> dict[str, Any]:
+        return evaluate_lm(model, data, batch_size=batch_size, runtime=runtime)
+
+    def baseline_metrics(self, train: Any, records: Any) -> dict[str, float]:
+        """None: a language model has no model-free reference number here."""
+        return {}

@@ -14,33 +14,27 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from tuneforge.config.schema import RunConfig, TaskConfig
+from tuneforge.config.schema import RunConfig
 from tuneforge.data.batching import Batches, TokenBatches
 from tuneforge.data.readers import Table, column_values, read_table, resolve_column
 from tuneforge.data.tokenize import tokenize_texts
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval.classification import classification_metrics
-from tuneforge.objectives.base import Built, TaskData
+from tuneforge.objectives.base import Built, TaskData, eval_batches
+from tuneforge.objectives.configs.classification import ClassificationConfig
 from tuneforge.track.atomic import atomic_write_json
 
+if TYPE_CHECKING:
+    from tuneforge.engine.runtime import Runtime
+
 __all__ = ["ClassificationConfig", "ClassificationObjective", "Examples"]
-
-
-class ClassificationConfig(TaskConfig):
-    """Options of the classification objective."""
-
-    name: Literal["classification"] = "classification"
-    class_weights: Literal["balanced"] | list[float] | dict[str, float] | None = Field(
-        None, description="weight the loss per class: 'balanced', a list in label order, or label -> weight"
-    )
 
 
 @dataclass
@@ -181,35 +175,33 @@ class ClassificationObjective:
         return TokenBatches(enc, pad, group_by_length=run.train.group_by_length)
 
     # ----------------------------------------------------------------- training
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        labels = batch["labels"]
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-        return F.cross_entropy(logits.float(), labels, weight=self.weights)
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
+        """The model's output (``.logits`` [B, C]) on a batch; labels are not passed (the loss is ours)."""
+        return model(**{k: v for k, v in batch.items() if k != "labels"})
 
-    @torch.inference_mode()
-    def logits(self, model: nn.Module, data: Batches, *, batch_size: int, autocast: Callable[[], Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits for every example of ``data`` in its original order (and labels when present)."""
-        was_training = model.training
-        model.eval()
+    def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = outputs.logits.float()
+        weight = self.weights.to(logits.device) if self.weights is not None else None
+        return F.cross_entropy(logits, batch["labels"], weight=weight)
+
+    def logits(self, model: nn.Module, data: Batches, *, batch_size: int, runtime: Runtime) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (on the CPU) for every example of ``data`` in its original order (and labels when present)."""
         out: torch.Tensor | None = None
         gold: torch.Tensor | None = None
-        with autocast():
-            for indices in data.plan(0, batch_size, seed=0, shuffle=False):
-                batch = data.collate(indices)
-                labels = batch.pop("labels", None)
-                logits = model(**batch).logits.float()
-                if out is None:
-                    out = torch.empty((len(data), logits.shape[-1]))
-                    gold = torch.empty(len(data), dtype=torch.long) if labels is not None else None
-                idx = torch.as_tensor(indices)
-                out[idx] = logits
-                if gold is not None:
-                    gold[idx] = labels
-        model.train(was_training)
+        for indices, batch in eval_batches(model, data, batch_size, runtime):
+            labels = batch.pop("labels", None)
+            logits = model(**batch).logits.float().cpu()
+            if out is None:
+                out = torch.empty((len(data), logits.shape[-1]))
+                gold = torch.empty(len(data), dtype=torch.long) if labels is not None else None
+            idx = torch.as_tensor(indices)
+            out[idx] = logits
+            if gold is not None:
+                gold[idx] = labels.cpu()
         return out, gold
 
-    def evaluate(self, model: nn.Module, data: Batches, *, batch_size: int, autocast: Callable[[], Any]) -> dict[str, Any]:
-        logits, gold = self.logits(model, data, batch_size=batch_size, autocast=autocast)
+    def evaluate(self, model: nn.Module, data: Batches, *, batch_size: int, runtime: Runtime) -> dict[str, Any]:
+        logits, gold = self.logits(model, data, batch_size=batch_size, runtime=runtime)
         metrics = classification_metrics(gold.tolist(), logits.argmax(-1).tolist(), self.labels)
         metrics["loss"] = float(F.cross_entropy(logits, gold, weight=self.weights))
         return metrics
@@ -248,11 +240,11 @@ class ClassificationObjective:
         return texts, pairs
 
     def predict(self, built: Built, texts: list[str], pairs: list[str] | None, *, batch_size: int,
-                autocast: Callable[[], Any]) -> list[dict[str, Any]]:
+                runtime: Runtime) -> list[dict[str, Any]]:
         """Label and class probabilities for each text (in input order)."""
         ex = Examples(texts, pairs, None, "input", list(range(1, len(texts) + 1)))
         data = self.prepare(ex, built.tokenizer, self.run)
-        logits, _ = self.logits(built.model, data, batch_size=batch_size, autocast=autocast)
+        logits, _ = self.logits(built.model, data, batch_size=batch_size, runtime=runtime)
         probs = torch.softmax(logits, -1)
         return [
             {"label": self.labels[int(p.argmax())], **{f"p_{n}": round(float(v), 6) for n, v in zip(self.labels, p, strict=True)}}
@@ -260,10 +252,10 @@ class ClassificationObjective:
         ]
 
     @staticmethod
-    def majority_baseline(train: Examples, evaluation: Examples) -> float:
-        """Accuracy of always predicting the most frequent training class."""
+    def baseline_metrics(train: Examples, evaluation: Examples) -> dict[str, float]:
+        """``majority_accuracy``: accuracy of always predicting the most frequent training class."""
         top = Counter(train.labels).most_common(1)[0][0]
-        return sum(1 for y in evaluation.labels if y == top) / max(1, len(evaluation.labels))
+        return {"majority_accuracy": sum(1 for y in evaluation.labels if y == top) / max(1, len(evaluation.labels))}
 
 
 def _sample(n: int, k: int, seed: int) -> list[int]:

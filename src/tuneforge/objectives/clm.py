@@ -19,13 +19,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field
 from torch import nn
 
-from tuneforge.config.schema import RunConfig, TaskConfig
+from tuneforge.config.schema import RunConfig
 from tuneforge.data.batching import Batches
 from tuneforge.data.packing import chunk, lm_batches, pack_blocks, pack_documents, packed_grouping
 from tuneforge.data.readers import column_values, detect_format, read_table, resolve_column
@@ -34,27 +33,12 @@ from tuneforge.objectives.base import Built, TaskData
 from tuneforge.objectives.causal_lm import (
     CausalLMObjective,
     check_decoder,
-    check_lm_method,
     load_causal_lm,
     saved_causal_lm,
 )
+from tuneforge.objectives.configs.clm import ClmConfig
 
 __all__ = ["ClmConfig", "ClmObjective", "Documents", "read_documents"]
-
-
-class ClmConfig(TaskConfig):
-    """Options of causal-LM training on raw text."""
-
-    name: Literal["clm"] = "clm"
-    packing: Literal["blocks", "documents"] = Field(
-        "blocks", description="blocks: concatenate and cut (attention crosses documents); documents: pack whole "
-        "documents with attention kept inside each")
-    txt_unit: Literal["line", "paragraph", "file"] = Field(
-        "line", description=".txt files: a document is a non-empty line, a blank-line-separated paragraph, or the file")
-    add_eos: bool = Field(True, description="end every document with the EOS token")
-
-    def check_run(self, run: Any) -> None:
-        check_lm_method(run)
 
 
 @dataclass
@@ -88,7 +72,7 @@ def read_documents(run: RunConfig, path: Path) -> Documents:
     table = read_table(path, fmt, header=d.header, quoting=d.quoting, delimiter=d.delimiter, encoding=d.encoding)
     if fmt == "txt":
         texts, lines = [r["text"] for r in table.rows], list(table.lines)
-        unit = getattr(run.task, "txt_unit", "line")
+        unit = run.task.txt_unit if isinstance(run.task, ClmConfig) else "line"
         if unit == "file":
             return Documents([_join(texts, lines)], str(path), [lines[0]])
         if unit == "paragraph":

@@ -28,58 +28,23 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from tuneforge.config.schema import RunConfig, TaskConfig
+from tuneforge.config.schema import RunConfig
 from tuneforge.data.streaming import Corpus, PackedBlocks, eval_batch, load_corpus_splits, scan_corpus
 from tuneforge.errors import ConfigError
-from tuneforge.objectives.base import Built, TaskData
-from tuneforge.objectives.causal_lm import VIRTUAL_TOKEN_METHODS
+from tuneforge.objectives.base import Built, TaskData, TokenLogits, eval_batches
+from tuneforge.objectives.configs.mlm import MLMConfig
+
+if TYPE_CHECKING:
+    from tuneforge.engine.runtime import Runtime
 
 __all__ = ["MLMConfig", "MLMObjective", "WholeWordMasker", "word_start_table"]
-
-
-class MLMConfig(TaskConfig):
-    """Options of masked language modelling."""
-
-    name: Literal["mlm"] = "mlm"
-    mlm_probability: float = Field(0.15, gt=0, lt=1, description="share of tokens selected for prediction")
-    mask_replace_prob: float = Field(0.8, ge=0, le=1, description="selected tokens replaced by the mask token")
-    random_replace_prob: float = Field(0.1, ge=0, le=1, description="selected tokens replaced by a random token")
-    whole_word_mask: bool = Field(False, description="select whole words rather than single tokens")
-    eval_seed: int = Field(0, description="masking seed for evaluation (same masks every evaluation)")
-
-    def check_run(self, run: RunConfig) -> None:
-        _refuse_frozen(run)
-        _refuse_virtual_tokens(run)
-        if self.mask_replace_prob + self.random_replace_prob > 1:
-            raise ValueError(f"task.random_replace_prob must be at most 1 - task.mask_replace_prob = "
-                             f"{1 - self.mask_replace_prob:g} (got {self.random_replace_prob:g})")
-
-
-def _refuse_frozen(run: RunConfig) -> None:
-    if run.method.name == "frozen":
-        raise ValueError(f"method.name 'frozen' trains a task head on cached features; task '{run.task.name}' predicts "
-                         "tokens through the whole model (use full, partial or a PEFT method)")
-
-
-def _refuse_virtual_tokens(run: RunConfig) -> None:
-    """Refuse the peft prompt-learning methods (prefix, prompt, ptuning_v2) up front.
-
-    peft injects virtual tokens or past key/values only through its task-specific wrappers (classification,
-    QA, causal and seq2seq LM); it has none for masked LMs, so `wrap_prompt_learning` would fail only after
-    the weights load. The model of task 'mlm' is always a masked LM, so the config can tell at once.
-    """
-    if run.method.name in VIRTUAL_TOKEN_METHODS:
-        raise ValueError(f"method.name '{run.method.name}' adds virtual tokens through a peft prompt-learning "
-                         "wrapper, and peft has none for masked language models (task 'mlm'); use full, partial "
-                         "or another PEFT method (lora, ia3, adapter, ...)")
 
 
 def word_start_table(tokenizer: Any) -> np.ndarray:
@@ -201,33 +166,34 @@ class MLMObjective:
                             streaming=run.data.streaming, add_special_tokens=True, max_blocks=records.max_blocks)
 
     # ----------------------------------------------------------------- training and evaluation
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, labels = masked_logits(model, batch)
-        if labels.numel() == 0:  # nothing selected in this batch (tiny batches): a zero that keeps the graph
-            return logits.sum() * 0.0
-        return F.cross_entropy(logits.float(), labels)
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenLogits:
+        """Logits at the selected (masked) positions and the original tokens there."""
+        return TokenLogits(*masked_logits(model, batch))
 
-    @torch.inference_mode()
-    def evaluate(self, model: nn.Module, data: PackedBlocks, *, batch_size: int,
-                 autocast: Callable[[], Any]) -> dict[str, Any]:
-        was_training = model.training
-        model.eval()
+    def loss(self, outputs: TokenLogits, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if outputs.targets.numel() == 0:  # nothing selected in this batch (tiny batches): a zero that keeps the graph
+            return outputs.logits.sum() * 0.0
+        return F.cross_entropy(outputs.logits.float(), outputs.targets)
+
+    def evaluate(self, model: nn.Module, data: PackedBlocks, *, batch_size: int, runtime: Runtime) -> dict[str, Any]:
         total = correct = count = 0.0
-        with autocast():
-            for indices in data.plan(0, batch_size, seed=0, shuffle=False):
-                batch = eval_batch(data, indices, self.run.task.eval_seed)
-                logits, labels = masked_logits(model, batch)
-                logits = logits.float()
-                total += float(F.cross_entropy(logits, labels, reduction="sum"))
-                correct += float((logits.argmax(-1) == labels).sum())
-                count += labels.numel()
-        model.train(was_training)
+        seed = self.run.task.eval_seed
+        for _, batch in eval_batches(model, data, batch_size, runtime, lambda idx: eval_batch(data, idx, seed)):
+            logits, labels = masked_logits(model, batch)
+            logits = logits.float()
+            total += float(F.cross_entropy(logits, labels, reduction="sum"))
+            correct += float((logits.argmax(-1) == labels).sum())
+            count += labels.numel()
         loss = total / max(count, 1)
         return {"loss": loss, "accuracy": correct / max(count, 1), "perplexity": math.exp(min(loss, 50.0)),
                 "masked_tokens": int(count)}
 
     def save_artifacts(self, out_dir: Path, data: TaskData) -> None:
         """Nothing beyond the model and tokenizer."""
+
+    def baseline_metrics(self, train: Any, records: Any) -> dict[str, float]:
+        """None: masked-token prediction has no model-free reference number here."""
+        return {}
 
     # ----------------------------------------------------------------- after training
     def from_saved(self, model_dir: Path) -> Built:

@@ -16,13 +16,12 @@ per response token) and its perplexity.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import Field
 from torch import nn
 
-from tuneforge.config.schema import RunConfig, TaskConfig
+from tuneforge.config.schema import RunConfig
 from tuneforge.data.batching import Batches
 from tuneforge.data.chat import Conversations, encode_conversations, read_conversations, resolve_template
 from tuneforge.data.packing import lm_batches, pack_documents, packed_grouping
@@ -31,29 +30,12 @@ from tuneforge.objectives.base import Built, TaskData
 from tuneforge.objectives.causal_lm import (
     CausalLMObjective,
     check_decoder,
-    check_lm_method,
     load_causal_lm,
     saved_causal_lm,
 )
+from tuneforge.objectives.configs.sft import SftConfig
 
 __all__ = ["SftConfig", "SftObjective"]
-
-
-class SftConfig(TaskConfig):
-    """Options of supervised fine-tuning on instruction / chat data."""
-
-    name: Literal["sft"] = "sft"
-    format: Literal["auto", "alpaca", "sharegpt", "openai"] = Field(
-        "auto", description="row format; auto = from the first row's keys, per file")
-    template: Literal["auto", "alpaca", "chatml", "plain"] = Field(
-        "auto", description="chat template; auto = the tokenizer's own, else alpaca")
-    system_prompt: str | None = Field(None, description="system message for conversations without one")
-    train_on_prompt: bool = Field(False, description="also take the loss on system/user tokens and role headers")
-    packing: Literal["none", "documents"] = Field(
-        "none", description="documents: pack whole examples into rows of data.max_length, attention kept inside each")
-
-    def check_run(self, run: Any) -> None:
-        check_lm_method(run)
 
 
 class SftObjective(CausalLMObjective):

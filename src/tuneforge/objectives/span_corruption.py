@@ -23,34 +23,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import nn
 
-from tuneforge.config.schema import RunConfig, TaskConfig
+from tuneforge.config.schema import RunConfig
 from tuneforge.data.streaming import Corpus, PackedBlocks, eval_batch, load_corpus_splits, scan_corpus
 from tuneforge.errors import ConfigError
-from tuneforge.objectives.base import Built, TaskData
+from tuneforge.objectives.base import Built, TaskData, TokenLogits, eval_batches
+from tuneforge.objectives.configs.span_corruption import SpanCorruptionConfig
+
+if TYPE_CHECKING:
+    from tuneforge.engine.runtime import Runtime
 
 __all__ = ["SpanCorruptionConfig", "SpanCorruptionObjective", "corrupt", "random_spans_noise_mask", "span_counts"]
-
-
-class SpanCorruptionConfig(TaskConfig):
-    """Options of T5 span corruption."""
-
-    name: Literal["span_corruption"] = "span_corruption"
-    noise_density: float = Field(0.15, gt=0, lt=1, description="share of tokens dropped from the input")
-    mean_noise_span_length: float = Field(3.0, ge=1, description="mean length of a dropped span")
-    eval_seed: int = Field(0, description="noise seed for evaluation (same spans every evaluation)")
-
-    def check_run(self, run: RunConfig) -> None:
-        from tuneforge.objectives.mlm import _refuse_frozen
-
-        _refuse_frozen(run)
 
 
 def span_counts(length: int, noise_density: float, mean_noise_span_length: float) -> tuple[int, int]:
@@ -167,31 +156,33 @@ class SpanCorruptionObjective:
         return PackedBlocks(records, tokenizer, run.data.max_length, transform=self.transform(tokenizer),
                             streaming=run.data.streaming, add_special_tokens=False, max_blocks=records.max_blocks)
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenLogits:
+        """Teacher-forced decoder logits [B * T, V] and the target tokens [B * T]."""
         labels = batch["labels"]
-        return F.cross_entropy(_logits(model, batch, labels).float(), labels.flatten())
+        return TokenLogits(_logits(model, batch, labels), labels.flatten())
 
-    @torch.inference_mode()
-    def evaluate(self, model: nn.Module, data: PackedBlocks, *, batch_size: int,
-                 autocast: Callable[[], Any]) -> dict[str, Any]:
-        was_training = model.training
-        model.eval()
+    def loss(self, outputs: TokenLogits, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(outputs.logits.float(), outputs.targets)
+
+    def evaluate(self, model: nn.Module, data: PackedBlocks, *, batch_size: int, runtime: Runtime) -> dict[str, Any]:
         total = correct = count = 0.0
-        with autocast():
-            for indices in data.plan(0, batch_size, seed=0, shuffle=False):
-                batch = eval_batch(data, indices, self.run.task.eval_seed)
-                labels = batch.pop("labels")
-                logits = _logits(model, batch, labels).float()
-                total += float(F.cross_entropy(logits, labels.flatten(), reduction="sum"))
-                correct += float((logits.argmax(-1) == labels.flatten()).sum())
-                count += labels.numel()
-        model.train(was_training)
+        seed = self.run.task.eval_seed
+        for _, batch in eval_batches(model, data, batch_size, runtime, lambda idx: eval_batch(data, idx, seed)):
+            labels = batch.pop("labels")
+            logits = _logits(model, batch, labels).float()
+            total += float(F.cross_entropy(logits, labels.flatten(), reduction="sum"))
+            correct += float((logits.argmax(-1) == labels.flatten()).sum())
+            count += labels.numel()
         loss = total / max(count, 1)
         return {"loss": loss, "accuracy": correct / max(count, 1), "perplexity": math.exp(min(loss, 50.0)),
                 "target_tokens": int(count)}
 
     def save_artifacts(self, out_dir: Path, data: TaskData) -> None:
         """Nothing beyond the model and tokenizer."""
+
+    def baseline_metrics(self, train: Any, records: Any) -> dict[str, float]:
+        """None: span prediction has no model-free reference number here."""
+        return {}
 
     def from_saved(self, model_dir: Path) -> Built:
         from transformers import AutoTokenizer, T5ForConditionalGeneration

@@ -17,7 +17,7 @@ import yaml
 
 from tuneforge.track.atomic import atomic_write_text, to_yamlable
 
-__all__ = ["REPORT_FILE", "write_report"]
+__all__ = ["REPORT_FILE", "rows_section", "write_report"]
 
 REPORT_FILE = "report.md"
 _PLOT_ORDER = ("loss.png", "lr.png", "eval_metrics.png")
@@ -25,7 +25,7 @@ _MAX_CELL = 200
 _KNOWN_KEYS = frozenset(
     {
         "title", "command", "config", "final_metrics", "throughput", "peak_rss_mb", "wall_time_s",
-        "trainable_params", "total_params", "hardware", "notes", "samples",
+        "trainable_params", "total_params", "hardware", "notes", "samples", "sections",
     }
 )  # fmt: skip
 
@@ -156,6 +156,13 @@ def _plot_links(run_dir: Path) -> list[str]:
     return [line for n in ordered for line in (f"![{Path(n).stem}](plots/{n})", "")]
 
 
+def rows_section(title: str, rows: Sequence[Any]) -> str:
+    """A ``## title`` section with one table row per mapping in ``rows`` (columns: the union of keys)."""
+    rows_ = [r if isinstance(r, Mapping) else {"value": r} for r in rows]
+    columns = list(dict.fromkeys(str(k) for row in rows_ for k in row))
+    return "\n".join([f"## {title}", "", *_table(columns, [[row.get(c) for c in columns] for row in rows_])])
+
+
 def render_report(run_dir: Path, summary: Mapping[str, Any]) -> str:
     """The Markdown text of the report (``write_report`` writes it)."""
     run_dir = Path(run_dir)
@@ -175,9 +182,9 @@ def render_report(run_dir: Path, summary: Mapping[str, Any]) -> str:
         lines += ["## Plots", "", *plots]
     samples = summary.get("samples")
     if isinstance(samples, Sequence) and not isinstance(samples, str) and samples:
-        rows_ = [s if isinstance(s, Mapping) else {"value": s} for s in samples]
-        columns = list(dict.fromkeys(str(k) for row in rows_ for k in row))
-        lines += ["## Samples", "", *_table(columns, [[row.get(c) for c in columns] for row in rows_])]
+        lines += [*rows_section("Samples", samples).splitlines(), ""]
+    for section in summary.get("sections") or ():  # extensions' own sections, already Markdown
+        lines += [*section.rstrip("\n").splitlines(), ""]
     notes = summary.get("notes")
     if notes:
         items = [notes] if isinstance(notes, str) else list(notes)

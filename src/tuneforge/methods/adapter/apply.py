@@ -18,7 +18,7 @@ from tuneforge.config.schema import RunConfig
 from tuneforge.engine.checkpoint import trainable_state
 from tuneforge.methods.adapter.config import AdapterConfig
 from tuneforge.methods.adapter.layer import adapter_set, attach
-from tuneforge.methods.base import MethodContext
+from tuneforge.methods.base import MethodContext, MethodRuntime
 
 __all__ = ["MERGE_UNSUPPORTED", "WEIGHTS_FILE", "apply", "load", "save", "wrap"]
 
@@ -68,3 +68,6 @@ def load(base: nn.Module, folder: Path, cfg: AdapterConfig) -> nn.Module:
             params[name].copy_(value)
             params[name].requires_grad_(True)
     return model
+
+
+METHOD = MethodRuntime(apply=apply, save=save, load=load, merge_unsupported=MERGE_UNSUPPORTED)

@@ -18,7 +18,7 @@ from torch import nn
 from tuneforge.config.schema import RunConfig
 from tuneforge.engine.checkpoint import trainable_state
 from tuneforge.errors import ConfigError
-from tuneforge.methods.base import MethodContext
+from tuneforge.methods.base import MethodContext, MethodRuntime
 from tuneforge.methods.bitfit.config import BitFitConfig, no_bias_message
 
 __all__ = ["WEIGHTS_FILE", "apply", "is_bias", "load", "merge", "save"]
@@ -68,3 +68,6 @@ def load(base: nn.Module, folder: Path, cfg: BitFitConfig) -> nn.Module:
 def merge(model: nn.Module) -> nn.Module:
     """BitFit changes the model's own biases: the trained model already is the merged model."""
     return model
+
+
+METHOD = MethodRuntime(apply=apply, save=save, load=load, merge=merge)

@@ -3,8 +3,8 @@
 Feature extraction (the seed texts' "frozen" strategy) runs the backbone once per example under
 ``inference_mode`` and caches the vector the head consumes; every epoch then trains the head alone on the
 cache, so later epochs cost almost nothing. The objective says what the feature is and how the head maps
-it to logits (`feature_head`), since that depends on the task (the hidden state at the pooling token for
-sequence classification).
+it to logits (``feature_head``, declared by ``ObjectiveSpec(feature_head=True)``), since that depends on the
+task (the hidden state at the pooling token for sequence classification).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from tqdm.auto import tqdm
 
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.batching import Batches, TensorBatches
+from tuneforge.engine.runtime import Runtime
 from tuneforge.errors import ConfigError
-from tuneforge.methods.base import MethodContext
+from tuneforge.methods.base import MethodContext, MethodRuntime
 
 
 def apply(model: nn.Module, run: RunConfig, ctx: MethodContext) -> nn.Module:
@@ -27,38 +28,42 @@ def apply(model: nn.Module, run: RunConfig, ctx: MethodContext) -> nn.Module:
     return model
 
 
-def training_view(model, run: RunConfig, objective, splits: dict[str, Batches], *, autocast, quiet: bool = False):
+def training_view(model, run: RunConfig, objective, splits: dict[str, Batches], *, runtime: Runtime,
+                  quiet: bool = False):
     """Return (module to train, splits as cached features) — or the inputs unchanged when caching is off."""
     if not run.method.cache_features:
         return model, splits
-    feature_head = getattr(objective, "feature_head", None)
-    if feature_head is None:
+    if not objective.spec.feature_head:
         raise ConfigError(f"task '{run.task.name}' has no feature cache; set method.cache_features=false", key="method")
-    extract, head = feature_head(model)
+    extract, head = objective.feature_head(model)
     batch_size = run.train.eval_batch_size or 2 * run.train.batch_size
     cached = {}
     for split, data in splits.items():
-        cached[split] = _features(model, extract, data, batch_size, autocast, f"features ({split})", quiet)
+        cached[split] = _features(model, extract, data, batch_size, runtime, f"features ({split})", quiet)
     return head, cached
 
 
-def _features(model, extract, data: Batches, batch_size: int, autocast, desc: str, quiet: bool) -> TensorBatches:
+def _features(model, extract, data: Batches, batch_size: int, runtime: Runtime, desc: str, quiet: bool) -> TensorBatches:
+    """Features of every example, computed on the runtime device and kept on the CPU (the loop moves batches)."""
     was_training = model.training
     model.eval()
     n = len(data)
     plan = data.plan(0, batch_size, seed=0, shuffle=False)
     out: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = {}
-    with torch.inference_mode(), autocast():
+    with runtime.inference():
         for indices in tqdm(plan, desc=desc, disable=quiet, leave=False):
-            batch = data.collate(indices)
-            feats = extract(batch).float()
+            batch = runtime.to_device(data.collate(indices))
+            feats = extract(batch).float().cpu()
             if out is None:
                 out = torch.empty((n, *feats.shape[1:]), dtype=torch.float32)
             idx = torch.as_tensor(indices)
             out[idx] = feats
             for k in ("labels",):
                 if k in batch:
-                    extras.setdefault(k, torch.empty(n, dtype=batch[k].dtype))[idx] = batch[k]
+                    extras.setdefault(k, torch.empty(n, dtype=batch[k].dtype))[idx] = batch[k].cpu()
     model.train(was_training)
     return TensorBatches({"features": out, **extras})
+
+
+METHOD = MethodRuntime(apply=apply, training_view=training_view)

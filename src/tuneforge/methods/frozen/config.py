@@ -17,6 +17,7 @@ class FrozenConfig(MethodConfig):
     # A linear head on fixed features needs a much larger step than fine-tuning. Measured (MiniLM, 2,000
     # SST-2 rows, 2 epochs, batch 16, 500 dev rows): lr 2e-3 -> 0.606 accuracy, lr 1e-2 -> 0.730.
     default_lr: ClassVar[float] = 1e-2
+    head_only: ClassVar[bool] = True
 
     def check_run(self, run: Any) -> None:
         if run.train.layer_lr_decay is not None:

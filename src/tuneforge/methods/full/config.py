@@ -12,3 +12,4 @@ class FullConfig(MethodConfig):
 
     name: Literal["full"] = "full"
     default_lr: ClassVar[float] = 5e-5
+    from_scratch: ClassVar[bool] = True

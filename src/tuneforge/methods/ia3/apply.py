@@ -20,7 +20,7 @@ from tuneforge.methods._peft import (
     task_type,
     wrap,
 )
-from tuneforge.methods.base import MethodContext
+from tuneforge.methods.base import MethodContext, MethodRuntime
 from tuneforge.methods.ia3.config import DEFAULT_FEEDFORWARD, DEFAULT_TARGETS
 
 __all__ = ["apply", "load", "merge", "save"]
@@ -73,3 +73,6 @@ def load(base_model: nn.Module, folder: Path, method_cfg: Any) -> nn.Module:
 
 def merge(model: nn.Module) -> nn.Module:
     return merge_peft(model)
+
+
+METHOD = MethodRuntime(apply=apply, save=save, load=load, merge=merge)

@@ -24,7 +24,7 @@ from tuneforge.methods._peft import (
     task_type,
     wrap,
 )
-from tuneforge.methods.base import MethodContext
+from tuneforge.methods.base import MethodContext, MethodRuntime
 from tuneforge.methods.lora.config import DEFAULT_TARGETS
 
 __all__ = ["apply", "default_targets", "load", "merge", "peft_lora_config", "save"]
@@ -73,3 +73,6 @@ def load(base_model: nn.Module, folder: Path, method_cfg: Any) -> nn.Module:
 
 def merge(model: nn.Module) -> nn.Module:
     return merge_peft(model)
+
+
+METHOD = MethodRuntime(apply=apply, save=save, load=load, merge=merge)

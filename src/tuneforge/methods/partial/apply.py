@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from tuneforge.config.schema import RunConfig
-from tuneforge.methods.base import MethodContext
+from tuneforge.methods.base import MethodContext, MethodRuntime
 from tuneforge.models.anatomy import param_depth
 
 
@@ -17,3 +17,6 @@ def apply(model: nn.Module, run: RunConfig, ctx: MethodContext) -> nn.Module:
         frozen = (depth == 0 and run.method.freeze_embeddings) or (1 <= depth <= k)
         p.requires_grad_(name in ctx.head_names or not frozen)
     return model
+
+
+METHOD = MethodRuntime(apply=apply)

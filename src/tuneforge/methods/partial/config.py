@@ -17,6 +17,7 @@ class PartialConfig(MethodConfig):
     freeze_layers: int = Field(2, ge=0, description="number of bottom transformer layers to freeze")
     freeze_embeddings: bool = Field(True, description="freeze the embedding tables too")
     default_lr: ClassVar[float] = 5e-5
+    from_scratch: ClassVar[bool] = True
 
     def check_model(self, n_layers: int) -> None:
         if self.freeze_layers > n_layers:

@@ -35,3 +35,4 @@ class PrefixConfig(MethodConfig):
     projection: bool = Field(True, description="reparameterise prefixes through an MLP (Li & Liang 2021)")
     projection_hidden: int = Field(512, ge=1, description="hidden width of the reparameterisation MLP")
     default_lr: ClassVar[float] = 1e-3
+    virtual_tokens: ClassVar[bool] = True

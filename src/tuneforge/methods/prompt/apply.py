@@ -17,7 +17,7 @@ from torch import nn
 
 from tuneforge.config.schema import RunConfig
 from tuneforge.methods._peft import load_adapter, save_adapter, wrap_prompt_learning
-from tuneforge.methods.base import MethodContext
+from tuneforge.methods.base import MethodContext, MethodRuntime
 
 __all__ = ["MERGE_UNSUPPORTED", "apply", "load", "save"]
 
@@ -81,3 +81,6 @@ def _pool_last_attended(model: nn.Module) -> None:
 
     hf.register_forward_pre_hook(remember, with_kwargs=True)
     score.register_forward_hook(repool)
+
+
+METHOD = MethodRuntime(apply=apply, save=save, load=load, merge_unsupported=MERGE_UNSUPPORTED)

@@ -35,6 +35,7 @@ class PromptConfig(MethodConfig):
     init: Literal["random", "vocab", "text"] = Field("random", description="random | vocab | text (with init_text)")
     init_text: str | None = Field(None, description="text whose token embeddings initialise the prompt (init=text)")
     default_lr: ClassVar[float] = 3e-2
+    virtual_tokens: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def _text_init(self) -> PromptConfig:

@@ -9,7 +9,7 @@ from torch import nn
 
 from tuneforge.config.schema import RunConfig
 from tuneforge.methods._peft import load_adapter, save_adapter
-from tuneforge.methods.base import MethodContext
+from tuneforge.methods.base import MethodContext, MethodRuntime
 from tuneforge.methods.prefix.apply import apply_prefix
 
 __all__ = ["MERGE_UNSUPPORTED", "apply", "load", "save"]
@@ -28,3 +28,6 @@ def save(model: nn.Module, folder: Path) -> None:
 
 def load(base_model: nn.Module, folder: Path, method_cfg: Any) -> nn.Module:
     return load_adapter(base_model, folder)
+
+
+METHOD = MethodRuntime(apply=apply, save=save, load=load, merge_unsupported=MERGE_UNSUPPORTED)

@@ -30,3 +30,4 @@ class PtuningV2Config(MethodConfig):
     name: Literal["ptuning_v2"] = "ptuning_v2"
     num_virtual_tokens: int = Field(20, ge=1, le=512, description="prompt length per layer")
     default_lr: ClassVar[float] = 3e-2
+    virtual_tokens: ClassVar[bool] = True

@@ -26,7 +26,7 @@ from torch import nn
 from tuneforge.config.schema import RunConfig
 from tuneforge.errors import ConfigError
 from tuneforge.methods._peft import head_modules, linear_modules, load_adapter, save_adapter, wrap
-from tuneforge.methods.base import MethodContext
+from tuneforge.methods.base import MethodContext, MethodRuntime
 from tuneforge.methods.lora.apply import peft_lora_config
 from tuneforge.methods.qlora.config import BNB_INSTALL
 
@@ -73,7 +73,7 @@ def quantize(model: nn.Module, exclude: list[str], double_quant: bool, compute_d
                                      quant_type="nf4")
         if layer.bias is not None:
             q.bias = nn.Parameter(layer.bias.detach().float(), requires_grad=False)
-        q = q.to("cpu")  # bitsandbytes quantises a Params4bit when it is moved to a device
+        q = q.to(weight.device)  # bitsandbytes quantises a Params4bit when it is moved to a device
         # bitsandbytes repacks weights in eval mode for a fused bf16 CPU kernel that fails on layers narrower
         # than its 64-wide block and computes in bf16 whatever compute_dtype says; keep eval = train math.
         q.support_avx512bf16_for_cpu = False
@@ -100,7 +100,7 @@ def dequantize(model: nn.Module) -> None:
         if path in conv1d:
             new: nn.Module = Conv1D(w.shape[0], w.shape[1])
             new.weight.data = w.T.contiguous()
-            new.bias.data = bias if bias is not None else torch.zeros(w.shape[0])
+            new.bias.data = bias if bias is not None else torch.zeros(w.shape[0], device=w.device)
         else:
             new = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
             new.weight.data = w
@@ -146,3 +146,6 @@ def merge(model: nn.Module) -> nn.Module:
     set_peft_model_state_dict(fresh, state, adapter_name=name)
     with torch.no_grad():
         return fresh.merge_and_unload()
+
+
+METHOD = MethodRuntime(apply=apply, save=save, load=load, merge=merge)

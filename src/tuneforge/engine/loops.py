@@ -1,0 +1,194 @@
+"""Loop shapes: the registry, what a loop is given (`LoopContext`) and what it must offer (`Loop`).
+
+The supervised loop (`engine.loop.SupervisedLoop`) is the default; an objective names another in its
+spec (``ObjectiveSpec(loop="...")``), e.g. PPO's rollout-then-update. A loop reuses the engine pieces
+rather than re-implementing them: `build_optimizer`/`build_scheduler`, `Stepper` (backward, clipping,
+non-finite policy, fp16 scaling), `EvalTracker` (evaluation, best checkpoint, early stopping),
+`save_checkpoint`/`load_checkpoint` (exact resume) and the metrics logger; see `LoopBase`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from tuneforge.config.schema import TrainConfig
+from tuneforge.engine.checkpoint import (
+    TrainerState,
+    latest_checkpoint,
+    load_checkpoint,
+    rotate_checkpoints,
+    save_checkpoint,
+)
+from tuneforge.engine.optim import build_optimizer, build_scheduler
+from tuneforge.engine.runtime import Runtime
+from tuneforge.engine.stepping import Stepper
+from tuneforge.engine.tracking import EvalTracker
+from tuneforge.errors import ConfigError
+from tuneforge.registry import LOOPS
+
+__all__ = ["LOOPS", "FitResult", "Loop", "LoopBase", "LoopContext", "LoopSpec", "create_loop", "register", "steps_per_epoch"]
+
+
+def steps_per_epoch(n_batches: int, grad_accum: int) -> int:
+    return max(1, math.ceil(n_batches / grad_accum))
+
+
+@dataclass
+class FitResult:
+    state: TrainerState
+    best_checkpoint: Path | None
+    last_eval: dict[str, Any]
+
+
+@dataclass
+class LoopContext:
+    """Everything a loop needs. ``model`` is what gets checkpointed; ``module`` what runs forward (they
+    differ only when a method trains a view of the model, e.g. the frozen method's head on features)."""
+
+    model: nn.Module
+    objective: Any
+    train_data: Any
+    cfg: TrainConfig
+    groups: list[dict[str, Any]]
+    run_dir: Path
+    runtime: Runtime
+    metric: str
+    greater_is_better: bool
+    module: nn.Module | None = None
+    eval_data: Any = None
+    logger: Any = None
+    quiet: bool = False
+    extensions: Sequence[Any] = field(default_factory=list)
+
+
+class Loop(Protocol):
+    """What the pipeline asks of a loop."""
+
+    state: TrainerState
+    total_steps: int
+    steps_per_epoch: int
+    logger: Any
+
+    def resume(self) -> bool:
+        """Load the latest checkpoint of the run if there is one; returns whether it did."""
+
+    def fit(self) -> FitResult:
+        """Train to the end (or early stop); the last checkpoint is written."""
+
+
+class LoopBase:
+    """The engine pieces wired once: optimizer, schedule, stepper, eval tracker, checkpoint/resume.
+
+    A loop subclasses it, sets ``total_steps`` (and ``steps_per_epoch``) before calling ``super().__init__``
+    and implements ``fit``; `checkpoint`, `resume`, `evaluate` and `compute_loss` are shared.
+    """
+
+    total_steps: int = 1
+    steps_per_epoch: int = 1
+
+    def __init__(self, ctx: LoopContext):
+        self.ctx = ctx
+        self.model, self.module = ctx.model, ctx.module if ctx.module is not None else ctx.model
+        self.objective, self.cfg, self.runtime = ctx.objective, ctx.cfg, ctx.runtime
+        self.train_data, self.eval_data, self.logger, self.quiet = ctx.train_data, ctx.eval_data, ctx.logger, ctx.quiet
+        self.extensions = list(ctx.extensions)
+        self.ckpt_root = ctx.run_dir / "checkpoints"
+        self.optimizer = build_optimizer(ctx.groups, ctx.cfg)
+        self.scheduler = build_scheduler(self.optimizer, ctx.cfg, self.total_steps)
+        self.params = [p for g in ctx.groups for p in g["params"]]
+        self.stepper = Stepper(self.optimizer, self.scheduler, self.params, ctx.cfg, ctx.runtime, self.ckpt_root)
+        self.tracker = EvalTracker(ctx.objective, ctx.eval_data, ctx.cfg, ctx.runtime, ctx.metric,
+                                   ctx.greater_is_better, ctx.quiet, self.extensions)
+        self.state = TrainerState(total_steps=self.total_steps)
+
+    # ------------------------------------------------------------------ shared pieces
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The objective's loss on a device batch plus every extension's extra term."""
+        outputs = self.objective.forward(self.module, batch)
+        loss = self.objective.loss(outputs, batch)
+        for ext in self.extensions:
+            term = ext.extra_loss(self.module, batch, outputs)
+            if term is not None:
+                loss = loss + term
+        return loss
+
+    def evaluate(self, baseline: bool = False) -> bool:
+        return self.tracker.evaluate(self.module, self.state, self.logger, baseline=baseline)
+
+    @property
+    def last_eval(self) -> dict[str, Any]:
+        return self.tracker.last
+
+    def checkpoint(self) -> Path:
+        """Write a checkpoint of the current state (with the stepper's and the extensions' state); rotate."""
+        extra = {"stepper": self.stepper.state_dict(),
+                 "extensions": {e.name: e.state_dict() for e in self.extensions}}
+        path = save_checkpoint(self.ckpt_root, self.model, self.optimizer, self.scheduler, self.state,
+                               runtime=self.runtime, extra=extra)
+        rotate_checkpoints(self.ckpt_root, self.cfg.save_total_limit, protect=self.state.best_step)
+        return path
+
+    def resume(self) -> bool:
+        ckpt = latest_checkpoint(self.ckpt_root)
+        if ckpt is None:
+            return False
+        saved = json.loads((ckpt / "state.json").read_text(encoding="utf-8"))["total_steps"]
+        if saved != self.total_steps:  # checked before touching any state
+            raise ConfigError(
+                f"{ckpt} was written for {saved} total steps but this config gives {self.total_steps}; "
+                "resume with the same train.* settings (epochs, max_steps, batch_size, grad_accum) and data",
+                key="train.max_steps",
+            )
+        self.state, extra = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        self.stepper.load_state_dict(extra.get("stepper", {}))
+        states = extra.get("extensions", {})
+        for ext in self.extensions:
+            if ext.name in states:
+                ext.load_state_dict(states[ext.name])
+        return True
+
+    def best_checkpoint(self) -> Path | None:
+        if self.state.best_step is None:
+            return None
+        p = self.ckpt_root / f"step-{self.state.best_step:08d}"
+        return p if p.is_dir() else None
+
+    def fit(self) -> FitResult:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """A registered loop shape: its name and the class taking one `LoopContext` (or ``"module:Class"``,
+    imported when a run uses it)."""
+
+    name: str
+    target: str | type
+
+    def cls(self) -> type:
+        if isinstance(self.target, type):
+            return self.target
+        module, _, name = self.target.partition(":")
+        return vars(importlib.import_module(module))[name]
+
+
+def register(name: str, target: str | type) -> None:
+    """Register a loop (``"package.module:Class"`` or the class itself); a second registration raises."""
+    LOOPS.register(name, LoopSpec(name, target))
+
+
+def create_loop(name: str, ctx: LoopContext) -> Loop:
+    """The loop ``name`` built over ``ctx``."""
+    return LOOPS.get(name).cls()(ctx)
+
+
+register("supervised", "tuneforge.engine.loop:SupervisedLoop")

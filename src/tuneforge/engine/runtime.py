@@ -1,0 +1,189 @@
+"""`Runtime`: where and how a run computes, made once per run and passed wherever work is done.
+
+One object answers the questions every piece of the engine would otherwise answer for itself (litgpt's
+``Fabric(devices, precision)``, nanochat's ``compute_init`` are the models): which device
+(``train.device``: ``auto`` takes the best present, CUDA then MPS then CPU), which precision
+(``train.precision``: ``auto`` is bf16 autocast on CUDA devices with bf16 and on CPUs with AVX512-BF16 or
+AMX, fp16 autocast with a gradient scaler on older GPUs, fp32 elsewhere; weights always stay fp32), and
+this process's rank, local rank and world size (one process for now: the distributed launcher fills
+them). It moves models and batches, opens the autocast and inference contexts, and carries the RNG
+state of every generator in use (Python, torch CPU, CUDA) for exact resume.
+
+Why bf16 autocast and fp32 master weights: on CPUs with AVX-512 BF16 or AMX and on Ampere+ GPUs, bf16
+matmuls run about twice as fast as fp32 while weights, gradients and optimizer state keep fp32, so
+accuracy matches fp32 training. fp16 has a narrower range, hence the gradient scaler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuneforge.errors import ConfigError
+
+__all__ = ["Runtime", "available_devices", "cpu_has_bf16", "resolve_device", "resolve_precision"]
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True when /proc/cpuinfo lists native bf16 instructions (avx512_bf16 or amx_bf16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _mps_available() -> bool:
+    backend = torch.backends.mps if hasattr(torch.backends, "mps") else None
+    return bool(backend is not None and backend.is_available())
+
+
+def available_devices() -> list[str]:
+    """The devices this machine offers, best first (``cuda:0`` ..., ``mps``, ``cpu``)."""
+    found = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    if _mps_available():
+        found.append("mps")
+    return [*found, "cpu"]
+
+
+def resolve_device(requested: str = "auto") -> torch.device:
+    """``train.device`` -> a present `torch.device`; a device that is not there is a `ConfigError`."""
+    present = available_devices()
+    if requested == "auto":
+        return torch.device(present[0])
+    wanted = torch.device(requested)
+    ok = (wanted.type == "cpu" or (wanted.type == "mps" and "mps" in present)
+          or (wanted.type == "cuda" and f"cuda:{wanted.index or 0}" in present))
+    if not ok:
+        raise ConfigError(f"device '{requested}' is not available on this machine; present: {', '.join(present)}",
+                          key="train.device")
+    if wanted.type == "cuda" and wanted.index is None:
+        wanted = torch.device("cuda", torch.cuda.current_device())
+    return wanted
+
+
+def _cuda_bf16(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def resolve_precision(requested: str, device: torch.device | str = "cpu") -> str:
+    """``train.precision`` on ``device`` -> ``bf16``, ``fp16`` or ``fp32`` (see module docstring)."""
+    device = torch.device(device)
+    if requested == "auto":
+        if device.type == "cuda":
+            return "bf16" if _cuda_bf16(device) else "fp16"
+        if device.type == "cpu":
+            return "bf16" if cpu_has_bf16() else "fp32"
+        return "fp32"
+    if requested == "fp16" and device.type == "cpu":
+        raise ConfigError("fp16 autocast needs a GPU; on a CPU use bf16 or fp32", key="train.precision")
+    return requested
+
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Runtime:
+    """Device, precision and process placement of one run (see module docstring)."""
+
+    device: torch.device
+    precision: str = "fp32"
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def create(cls, device: str = "auto", precision: str = "auto") -> Runtime:
+        """From ``train.device`` / ``train.precision`` values; errors name those keys."""
+        dev = resolve_device(device)
+        return cls(device=dev, precision=resolve_precision(precision, dev))
+
+    @classmethod
+    def for_run(cls, train_cfg: Any) -> Runtime:
+        """The runtime a run's ``train`` block asks for."""
+        return cls.create(train_cfg.device, train_cfg.precision)
+
+    @classmethod
+    def cpu(cls, precision: str = "fp32") -> Runtime:
+        """A CPU runtime (tests, and tools that must not touch an accelerator)."""
+        return cls(device=torch.device("cpu"), precision=precision)
+
+    # ------------------------------------------------------------------ placement
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and prints (rank 0)."""
+        return self.rank == 0
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return _DTYPES.get(self.precision)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed-precision context of this run (a no-op in fp32)."""
+        dtype = self.autocast_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def inference(self) -> contextlib.ExitStack:
+        """``inference_mode`` + autocast: what every evaluation and prediction runs under."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(self.autocast())
+        return stack
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """A gradient scaler for fp16 (None otherwise: bf16 and fp32 need none)."""
+        if self.precision != "fp16":
+            return None
+        return torch.amp.GradScaler(self.device.type)
+
+    def move(self, model: nn.Module) -> nn.Module:
+        """``model`` on this runtime's device (in place for modules; returns it)."""
+        return model.to(self.device)
+
+    def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """A batch dict with its tensors on the device (non-blocking copies from pinned CPU memory on CUDA)."""
+        if self.device.type == "cpu":
+            return dict(batch)
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module that runs forward in training (DDP/FSDP wrapping goes here; one process: itself)."""
+        return model
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over processes (one process: the value itself)."""
+        return value
+
+    def describe(self) -> str:
+        return f"{self.device} ({self.precision})"
+
+    # ------------------------------------------------------------------ RNG
+    def rng_state(self) -> dict[str, Any]:
+        """Every RNG a run draws from: Python, torch CPU and, when present, each CUDA device."""
+        state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    @staticmethod
+    def set_rng_state(state: Mapping[str, Any]) -> None:
+        """Restore `rng_state`; CUDA states are restored only where CUDA is present (a GPU checkpoint
+        resumes on a CPU with the CPU generators exact; a CPU checkpoint on a GPU seeds CUDA as it was)."""
+        torch.set_rng_state(state["torch"])
+        random.setstate(state["python"])
+        cuda = state.get("cuda")
+        if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+

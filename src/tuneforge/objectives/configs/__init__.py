@@ -1,0 +1,1 @@
+"""Objective configs, one torch-free module each (recipes validate without importing torch)."""
