@@ -4,6 +4,7 @@ save/load, and clear errors for bad options and unknown architectures."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -170,7 +171,7 @@ def test_training_moves_adapters_and_head_only(tmp_path: Path, tiny_csv: Callabl
         seen["initial"] = {k: v.detach().clone() for k, v in model.named_parameters()}
         return model
 
-    monkeypatch.setattr(adapter_apply, "apply", spy)
+    monkeypatch.setattr(adapter_apply, "METHOD", dataclasses.replace(adapter_apply.METHOD, apply=spy))
     cfg = load_config(None, [f"data.train={tiny_csv(40)}", "model=tiny-bert", "method=adapter", "method.style=pfeiffer",
                              "method.bottleneck=4", "train.max_steps=4", "train.batch_size=8", "train.precision=fp32",
                              "train.tensorboard=false", f"output_dir={tmp_path / 'run'}"])

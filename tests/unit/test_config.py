@@ -217,9 +217,9 @@ def test_bad_literal_lists_allowed_values() -> None:
     assert e.key == "train.schedule"
     for allowed in ("'linear'", "'cosine'", "'constant'"):
         assert allowed in str(e)
-    e = _err(["train.precision=fp16"])
+    e = _err(["train.precision=fp8"])
     assert e.key == "train.precision"
-    for allowed in ("'auto'", "'bf16'", "'fp32'"):
+    for allowed in ("'auto'", "'bf16'", "'fp16'", "'fp32'"):
         assert allowed in str(e)
 
 

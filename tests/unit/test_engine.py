@@ -7,7 +7,6 @@ linear model over `TensorBatches`, where exact equalities can be asserted.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -24,7 +23,8 @@ from torch import nn
 from tuneforge.config import TrainConfig, load_config
 from tuneforge.data.batching import TensorBatches
 from tuneforge.engine import (
-    autocast_factory,
+    LoopContext,
+    Runtime,
     build_optimizer,
     build_scheduler,
     cpu_has_bf16,
@@ -215,9 +215,9 @@ def test_precision_resolution_and_autocast() -> None:
     assert resolve_precision("bf16") == "bf16"
     lin = nn.Linear(4, 4)
     x = torch.randn(2, 4)
-    with autocast_factory("fp32")():
+    with Runtime.cpu("fp32").autocast():
         assert lin(x).dtype == torch.float32
-    with autocast_factory("bf16")():
+    with Runtime.cpu("bf16").autocast():
         out = lin(x)
     assert out.dtype == torch.bfloat16  # matmuls in bf16 ...
     assert lin.weight.dtype == torch.float32  # ... master weights stay fp32
@@ -371,13 +371,16 @@ class _ToyObjective:
         self.calls = 0
         self.loss_fn = loss_fn
 
-    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self.calls += 1
         if self.loss_fn is not None:
             return self.loss_fn(model, batch)
         return F.cross_entropy(model(batch["features"]), batch["labels"])
 
-    def evaluate(self, model, data, *, batch_size, autocast) -> dict[str, Any]:
+    def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return outputs
+
+    def evaluate(self, model, data, *, batch_size, runtime) -> dict[str, Any]:
         b = data.collate(list(range(len(data))))
         with torch.no_grad():
             return {"loss": float(F.cross_entropy(model(b["features"]), b["labels"]))}
@@ -401,7 +404,7 @@ def _toy_trainer(tmp_path: Path, data: TensorBatches, objective: Any = None, **t
     torch.manual_seed(0)
     model = nn.Linear(data.tensors["features"].shape[1], 2)
     cfg = TrainConfig(**{"lr": 0.05, "warmup_steps": 0, "tensorboard": False, **train})
-    return Trainer(
+    return Trainer(LoopContext(
         model=model,
         module=model,
         objective=objective or _ToyObjective(),
@@ -410,12 +413,12 @@ def _toy_trainer(tmp_path: Path, data: TensorBatches, objective: Any = None, **t
         cfg=cfg,
         groups=param_groups(model, cfg, cfg.lr, 0),
         run_dir=tmp_path,
-        autocast=contextlib.nullcontext,
+        runtime=Runtime.cpu(),
         logger=_ListLogger(),
         metric="loss",
         greater_is_better=False,
         quiet=True,
-    )
+    ))
 
 
 @pytest.mark.parametrize("n", [32, 36])  # 36: the last step of each epoch has one micro-batch of 4

@@ -8,7 +8,7 @@ automatically. For each combination the real pipeline trains 5 steps on one fixe
   (for methods listed in ``INTENDED``) the trainable set is exactly the method's;
 * save -> ``load_trained`` reproduces the trained model's logits exactly;
 * merge parity: merged and unmerged logits agree within 1e-4 where the method merges; otherwise the method
-  says why (``MERGE_UNSUPPORTED``) or saved a plain transformers folder (nothing to merge).
+  says why (``merge_unsupported``) or saved a plain transformers folder (nothing to merge).
 
 Combinations refused by design are asserted to raise the documented `ConfigError` (``REFUSED``). A new
 method adds its row to ``INTENDED`` (and ``REFUSED`` if it refuses an architecture).
@@ -16,7 +16,7 @@ method adds its row to ``INTENDED`` (and ``REFUSED`` if it refuses an architectu
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import importlib
 import json
 from collections.abc import Callable
@@ -28,6 +28,7 @@ from torch import nn
 
 from conftest import make_rows, write_csv
 from tuneforge.config import load_config
+from tuneforge.engine.runtime import Runtime
 from tuneforge.errors import ConfigError
 from tuneforge.methods import METHODS, get_method
 from tuneforge.methods.saved import load_trained, read_manifest
@@ -95,7 +96,7 @@ def _install_capture(method: str, monkeypatch: pytest.MonkeyPatch) -> Capture:
         cap.requires_grad = {k: v.requires_grad for k, v in model.named_parameters()}
         return model
 
-    monkeypatch.setattr(module, "apply", apply)
+    monkeypatch.setattr(module, "METHOD", dataclasses.replace(module.METHOD, apply=apply))
     return cap
 
 
@@ -110,7 +111,7 @@ def _overrides(method: str, model: str, train_csv: Path, val_csv: Path, out: Pat
 
 
 def _logits(model: nn.Module, obj: ClassificationObjective, batches) -> torch.Tensor:
-    out, _ = obj.logits(model, batches, batch_size=32, autocast=contextlib.nullcontext)
+    out, _ = obj.logits(model, batches, batch_size=32, runtime=Runtime.cpu())
     return out
 
 
@@ -163,11 +164,11 @@ def test_method(method: str, model: str, data: tuple[Path, Path], tmp_path: Path
 
     # -- merge parity, or the documented reason there is none
     runtime = get_method(method).runtime()
-    if hasattr(runtime, "merge"):
+    if runtime.merge is not None:
         fresh = load_trained(AutoModelForSequenceClassification, out / "model", dtype=torch.float32)
         merged = runtime.merge(fresh)
         torch.testing.assert_close(_logits(merged, obj, batches), loaded, atol=1e-4, rtol=0)
-    elif hasattr(runtime, "save"):
-        assert isinstance(runtime.MERGE_UNSUPPORTED, str) and runtime.MERGE_UNSUPPORTED
+    elif runtime.save is not None:
+        assert isinstance(runtime.merge_unsupported, str) and runtime.merge_unsupported
     else:  # saved as a plain transformers folder: nothing to merge
         assert read_manifest(out / "model") is None

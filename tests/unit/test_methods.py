@@ -3,6 +3,7 @@ and the trainable-parameter counts."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import re
@@ -59,7 +60,7 @@ def snapshot(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Snapshot]:
             snap.trainable = trainable_summary(model)
             return model
 
-        monkeypatch.setattr(module, "apply", apply)
+        monkeypatch.setattr(module, "METHOD", dataclasses.replace(module.METHOD, apply=apply))
         return snap
 
     return install
@@ -134,14 +135,14 @@ def test_frozen_caches_features_once(
     calls: list[int] = []
     snap = snapshot("frozen")
     module = importlib.import_module(get_method("frozen").module)
-    real_apply = module.apply  # the snapshot wrapper
+    real_apply = module.METHOD.apply  # the snapshot wrapper
 
     def apply(model, run, ctx):
         model = real_apply(model, run, ctx)
         model.base_model.register_forward_hook(lambda m, args, out: calls.append(1))
         return model
 
-    monkeypatch.setattr(module, "apply", apply)
+    monkeypatch.setattr(module, "METHOD", dataclasses.replace(module.METHOD, apply=apply))
     res = _run(tmp_path, tiny_csv(60), "method=frozen", "train.epochs=3")
     # 60 rows -> 54 train + 6 validation; batch 8 -> 7 steps per epoch; features in batches of 16
     assert res.metrics["train"]["steps"] == 21

@@ -5,7 +5,6 @@ loss against transformers' own, and a short run that learns, reports forgetting 
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,10 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from tuneforge.config import load_config
+from tuneforge.engine.runtime import Runtime
 from tuneforge.errors import ConfigError
 from tuneforge.models import resolve_model
+from tuneforge.objectives.base import step_loss
 from tuneforge.objectives.mlm import MLMObjective, word_start_table
 from tuneforge.pipeline import train
 
@@ -124,8 +125,8 @@ def test_evaluation_is_fixed_and_leaves_the_global_rng_alone(bert_tok) -> None:
     data = PackedBlocks(corpus, bert_tok, 64, transform=obj.transform(bert_tok))
     model = AutoModelForMaskedLM.from_pretrained(resolve_model("tiny-bert"))
     state = torch.get_rng_state()
-    a = obj.evaluate(model, data, batch_size=16, autocast=nullcontext)
-    b = obj.evaluate(model, data, batch_size=7, autocast=nullcontext)
+    a = obj.evaluate(model, data, batch_size=16, runtime=Runtime.cpu())
+    b = obj.evaluate(model, data, batch_size=7, runtime=Runtime.cpu())
     assert torch.equal(state, torch.get_rng_state())
     assert a["masked_tokens"] == b["masked_tokens"] > 0.1 * 64 * len(data)
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["perplexity"] == pytest.approx(np.exp(a["loss"]))
@@ -139,7 +140,7 @@ def test_loss_equals_transformers_mlm_loss(name: str) -> None:
     torch.manual_seed(0)
     batch = MLMObjective(load_config(None, ["task=mlm", f"model={name}"])).transform(tok)(blocks.reshape(4, 64), None)
     with torch.no_grad():
-        ours, theirs = _objective().loss(model, batch), model(**batch).loss
+        ours, theirs = step_loss(_objective(), model, batch), model(**batch).loss
     assert float(ours) == pytest.approx(float(theirs), rel=1e-5)
 
 

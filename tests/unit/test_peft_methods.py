@@ -10,7 +10,7 @@ have the documented shapes and inits, decoder prompt tuning pools the last real 
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -26,6 +26,7 @@ from torch import nn
 from conftest import make_rows, write_csv
 from tuneforge.config import load_config
 from tuneforge.data.batching import TokenBatches
+from tuneforge.engine.runtime import Runtime
 from tuneforge.errors import ConfigError
 from tuneforge.methods import MethodContext, get_method
 from tuneforge.methods.saved import load_trained
@@ -174,7 +175,7 @@ def _canonical(name: str) -> str:
 
 
 def _logits(model: nn.Module, obj: ClassificationObjective, batches) -> torch.Tensor:
-    return obj.logits(model, batches, batch_size=32, autocast=contextlib.nullcontext)[0]
+    return obj.logits(model, batches, batch_size=32, runtime=Runtime.cpu())[0]
 
 
 @pytest.mark.parametrize(("variant", "model"), CASES, ids=[f"{v}-{m}" for v, m in CASES])
@@ -188,7 +189,7 @@ def test_trained_run_reloads_and_merges(variant: str, model: str, data: tuple[Pa
     module = importlib.import_module(get_method(method).module)
     captured: dict[str, nn.Module] = {}
     real_apply = module.apply
-    monkeypatch.setattr(module, "apply", lambda m, run, ctx: captured.setdefault("model", real_apply(m, run, ctx)))
+    monkeypatch.setattr(module, "METHOD", dataclasses.replace(module.METHOD, apply=lambda m, run, ctx: captured.setdefault("model", real_apply(m, run, ctx))))
     train_csv, val_csv = data
     out = tmp_path / "run"
     train(load_config(None, [

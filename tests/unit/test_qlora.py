@@ -3,7 +3,7 @@ merge gives a plain fp32 model with the same outputs (the dequantised base plus 
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import importlib
 import json
 from pathlib import Path
@@ -14,6 +14,7 @@ from torch import nn
 
 from conftest import make_rows, write_csv
 from tuneforge.config import load_config
+from tuneforge.engine.runtime import Runtime
 from tuneforge.methods import MethodContext, get_method
 from tuneforge.methods.saved import load_trained
 from tuneforge.models import resolve_model
@@ -78,7 +79,7 @@ def test_qlora_trains_reloads_and_merges(tmp_path: Path, monkeypatch: pytest.Mon
     module = importlib.import_module(get_method("qlora").module)
     captured: dict[str, nn.Module] = {}
     real_apply = module.apply
-    monkeypatch.setattr(module, "apply", lambda m, run, ctx: captured.setdefault("model", real_apply(m, run, ctx)))
+    monkeypatch.setattr(module, "METHOD", dataclasses.replace(module.METHOD, apply=lambda m, run, ctx: captured.setdefault("model", real_apply(m, run, ctx))))
     out = tmp_path / "run"
     train(load_config(None, [
         "model=tiny-gpt2", "method=qlora", "method.target_modules=all-linear", f"data.train={train_csv}",
@@ -100,7 +101,7 @@ def test_qlora_trains_reloads_and_merges(tmp_path: Path, monkeypatch: pytest.Mon
     batches = obj.prepare(obj.read_split(val_csv), built.tokenizer, run_cfg)
 
     def logits(m: nn.Module) -> torch.Tensor:
-        return obj.logits(m, batches, batch_size=32, autocast=contextlib.nullcontext)[0]
+        return obj.logits(m, batches, batch_size=32, runtime=Runtime.cpu())[0]
 
     reference = logits(trained)
     assert torch.equal(logits(built.model), reference)  # the reloaded base quantises to the same codes

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from tuneforge.errors import ConfigError
-from tuneforge.methods.base import MethodContext
+from tuneforge.methods.base import MethodContext, Reference
 
 # bitsandbytes (imported by peft when installed) warns at import that an optional GPU-kernel package is
 # missing; its CPU fallback is what we use, so the warning is noise on every command.
@@ -40,6 +41,10 @@ __all__ = [
     "linear_modules",
     "load_adapter",
     "merge_peft",
+    "peft_activate",
+    "peft_attach",
+    "peft_reference",
+    "read_peft_config",
     "resolve_targets",
     "save_adapter",
     "task_type",
@@ -213,3 +218,123 @@ def merge_peft(model: nn.Module) -> nn.Module:
     """Fold the adapter into the base weights; returns the plain transformers model (heads unwrapped)."""
     with torch.no_grad():
         return model.merge_and_unload()
+
+
+# --------------------------------------------------------------------------- reference (DPO/KTO/PPO, distillation)
+@contextmanager
+def _disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """peft's ``disable_adapter`` plus, for prompt-learning methods, the head.
+
+    For LoRA/IA3 ``disable_adapter`` turns off every tuner layer *and* every ``modules_to_save`` wrapper (the
+    head computes with its original module). For prompt learning (prefix, ptuning_v2, prompt) peft 0.21 only
+    swaps ``forward`` for the base model's, so (1) the ``modules_to_save`` wrappers stay on and the *trained*
+    head would be used: they are switched to their original module here; (2) it also swaps
+    ``prepare_inputs_for_generation`` unconditionally and fails with ``UnboundLocalError`` on models without
+    one (every classifier): `_prompts_off` does the ``forward`` swap itself.
+    """
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    wrappers = [m for m in model.modules() if isinstance(m, AuxiliaryTrainingWrapper)]
+    before = [(w, w._disable_adapters) for w in wrappers]
+    prompts = model.peft_config[model.active_adapter].is_prompt_learning
+    try:
+        with _prompts_off(model) if prompts else model.disable_adapter():
+            for w in wrappers:  # the flag alone: requires_grad is left as it is
+                w._disable_adapters = True
+            yield model
+    finally:
+        for w, flag in before:
+            w._disable_adapters = flag
+
+
+@contextmanager
+def _prompts_off(model: nn.Module) -> Iterator[nn.Module]:
+    """A prompt-learning `PeftModel` calling its base model directly (no virtual tokens or prefixes)."""
+    saved = {k: model.__dict__[k] for k in ("forward", "prepare_inputs_for_generation") if k in model.__dict__}
+    was_disabled = model._adapters_disabled
+    try:
+        model.forward = model.base_model.forward
+        if hasattr(model.base_model, "prepare_inputs_for_generation"):
+            model.prepare_inputs_for_generation = model.base_model.prepare_inputs_for_generation
+        model._adapters_disabled = True
+        yield model
+    finally:
+        for k in ("forward", "prepare_inputs_for_generation"):
+            model.__dict__.pop(k, None)
+        model.__dict__.update(saved)
+        model._adapters_disabled = was_disabled
+
+
+def peft_reference(model: nn.Module) -> Reference:
+    """The base inside ``model.disable_adapter()`` (head included, see `_disabled`): nothing is copied."""
+    from tuneforge.methods._reference import hooks_reference
+
+    if not hasattr(model, "disable_adapter"):
+        raise TypeError(f"peft_reference needs a peft model, got {type(model).__name__}")
+    return hooks_reference(model, _disabled)
+
+
+# --------------------------------------------------------------------------- several adapters on one base (server)
+_BASE_ATTR = "_tuneforge_attach_base"  # on the transformers model: what base the attached adapters expect
+
+
+def _base_kind(hf: nn.Module) -> str:
+    kind = getattr(hf, _BASE_ATTR, None)
+    if kind is not None:
+        return kind
+    return "a 4-bit (qlora) base" if getattr(hf, "is_loaded_in_4bit", False) else "the plain base"
+
+
+def read_peft_config(folder: Path) -> Any:
+    """The adapter folder's peft config, as its own class (``LoraConfig``, ``PromptTuningConfig``...)."""
+    from peft import PeftConfig
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    return PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(str(folder))].from_pretrained(str(folder))
+
+
+def peft_attach(model: nn.Module, folder: Path, name: str, *, config: Any = None, base: str = "the plain base",
+                prepare: Any = None) -> nn.Module:
+    """Load the saved adapter ``folder`` (a run's ``model/`` folder) onto ``model`` as adapter ``name``.
+
+    A plain transformers model becomes a `PeftModel` (``prepare(model)`` first, e.g. qlora's quantisation;
+    ``name`` is then the active adapter); on a `PeftModel` the adapter is added beside the others, inactive
+    until `peft_activate`. Each adapter carries its own copy of the task head (peft ``modules_to_save``).
+    ``config`` overrides the folder's peft config; ``base`` names what base the adapter was trained on, and
+    adapters for different bases (plain vs 4-bit) or of different peft types are refused with a ValueError.
+    The model is returned for serving: eval mode, no parameter requires grad.
+    """
+    from peft import PeftModel
+
+    folder = Path(folder)
+    cfg = config if config is not None else read_peft_config(folder)
+    if not isinstance(model, PeftModel):
+        if prepare is not None:
+            prepare(model)
+        setattr(model, _BASE_ATTR, base)
+        model = PeftModel.from_pretrained(model, folder, adapter_name=name, config=cfg)
+        return model.requires_grad_(False).eval()
+    if name in model.peft_config:
+        raise ValueError(f"an adapter named '{name}' is already attached (attached: {', '.join(model.peft_config)})")
+    have = _base_kind(model.get_base_model())
+    if have != base:
+        raise ValueError(f"{folder} was trained on {base}; the adapters attached to this model sit on {have}")
+    if cfg.peft_type != model.peft_type:
+        raise ValueError(f"{folder} holds a {cfg.peft_type} adapter; this model's adapters are {model.peft_type} "
+                         "(peft keeps one adapter type per model: load another base for it)")
+    cfg.inference_mode = True
+    model.add_adapter(name, cfg)  # our config (load_adapter would read the folder's); then the weights
+    model.load_adapter(str(folder), adapter_name=name)
+    # peft leaves prompt encoders trainable even in inference mode; a served model trains nothing
+    return model.requires_grad_(False).eval()
+
+
+def peft_activate(model: nn.Module, name: str) -> None:
+    """Make the attached adapter ``name`` (and its head) the one the model computes with, in inference mode."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"no adapters are attached to this {type(model).__name__}")
+    if name not in model.peft_config:
+        raise ValueError(f"no adapter named '{name}' is attached (attached: {', '.join(model.peft_config)})")
+    model.set_adapter(name, inference_mode=True)

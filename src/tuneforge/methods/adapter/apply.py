@@ -16,16 +16,22 @@ from torch import nn
 
 from tuneforge.config.schema import RunConfig
 from tuneforge.engine.checkpoint import trainable_state
+from tuneforge.methods._reference import hooks_reference
 from tuneforge.methods.adapter.config import AdapterConfig
-from tuneforge.methods.adapter.layer import adapter_set, attach
-from tuneforge.methods.base import MethodContext, MethodRuntime
+from tuneforge.methods.adapter.layer import ATTR, adapter_set, attach
+from tuneforge.methods.base import MethodContext, MethodRuntime, Reference
 
-__all__ = ["MERGE_UNSUPPORTED", "WEIGHTS_FILE", "apply", "load", "save", "wrap"]
+__all__ = ["MERGE_UNSUPPORTED", "MULTI_UNSUPPORTED", "WEIGHTS_FILE", "apply", "load", "reference", "save", "wrap"]
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 MERGE_UNSUPPORTED = (
     "bottleneck adapters add non-linear modules (down-projection, activation, up-projection) on the hidden "
     "states; they cannot be folded into the model's linear weights, so the adapted model is its own form"
+)
+MULTI_UNSUPPORTED = (
+    "bottleneck adapters are forward hooks of one AdapterSet per model and each saved folder also holds its "
+    "own trained task head in the model's head parameters; a second folder would replace both, not sit "
+    "beside them (serve one model per adapter folder, or use lora/ia3 for several adapters on one base)"
 )
 
 
@@ -70,4 +76,14 @@ def load(base: nn.Module, folder: Path, cfg: AdapterConfig) -> nn.Module:
     return model
 
 
-METHOD = MethodRuntime(apply=apply, save=save, load=load, merge_unsupported=MERGE_UNSUPPORTED)
+def reference(model: nn.Module) -> Reference:
+    """The base: adapter hooks switched off, and the head (trainable, outside the adapters) as it was now."""
+    aset = adapter_set(model)
+    if aset is None:
+        raise ValueError("this model has no bottleneck adapters")
+    return hooks_reference(model, lambda m: aset.disabled(),
+                           keep=lambda name, p: p.requires_grad and f".{ATTR}." not in f".{name}")
+
+
+METHOD = MethodRuntime(apply=apply, save=save, load=load, merge_unsupported=MERGE_UNSUPPORTED,
+                       reference=reference, multi_unsupported=MULTI_UNSUPPORTED)

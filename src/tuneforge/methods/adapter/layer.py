@@ -32,6 +32,7 @@ them is refused with the list of what was searched.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,7 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, hidden: int, bottleneck: int, non_linearity: str = "relu", dropout: float = 0.0,
                  *, dtype: torch.dtype | None = None, device: torch.device | None = None):
         super().__init__()
+        self.enabled = True  # False: its hook passes the hooked output through unchanged
         if non_linearity not in _ACTIVATIONS:
             raise ConfigError(f"unknown non_linearity '{non_linearity}'; allowed: {', '.join(_ACTIVATIONS)}",
                               key="method.non_linearity")
@@ -89,6 +91,8 @@ class _AdapterHook:
         self.adapter = adapter
 
     def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        if not self.adapter.enabled:  # switched off (`AdapterSet.disabled`): the base projection's output
+            return output
         if not isinstance(output, torch.Tensor):
             raise TypeError(f"adapter hook expects a tensor output from {type(module).__name__}")
         return self.adapter(output)
@@ -114,6 +118,19 @@ class AdapterSet(nn.Module):
         for name, module in self.named_modules():
             if isinstance(module, BottleneckAdapter):
                 yield name, module
+
+    @contextmanager
+    def disabled(self) -> Iterator[AdapterSet]:
+        """Every adapter switched off inside the context (the hooked modules compute as the base);
+        each adapter's previous switch is restored on exit."""
+        before = [(a, a.enabled) for _, a in self.adapters()]
+        try:
+            for a, _ in before:
+                a.enabled = False
+            yield self
+        finally:
+            for a, flag in before:
+                a.enabled = flag
 
 
 def _outermost_block_lists(base: nn.Module) -> list[tuple[str, nn.ModuleList]]:

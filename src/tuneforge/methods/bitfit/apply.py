@@ -18,12 +18,17 @@ from torch import nn
 from tuneforge.config.schema import RunConfig
 from tuneforge.engine.checkpoint import trainable_state
 from tuneforge.errors import ConfigError
-from tuneforge.methods.base import MethodContext, MethodRuntime
+from tuneforge.methods._reference import swap_reference
+from tuneforge.methods.base import MethodContext, MethodRuntime, Reference
 from tuneforge.methods.bitfit.config import BitFitConfig, no_bias_message
 
-__all__ = ["WEIGHTS_FILE", "apply", "is_bias", "load", "merge", "save"]
+__all__ = ["MULTI_UNSUPPORTED", "WEIGHTS_FILE", "apply", "is_bias", "load", "merge", "reference", "save"]
 
 WEIGHTS_FILE = "bitfit_model.safetensors"
+MULTI_UNSUPPORTED = (
+    "BitFit trains the model's own biases and head in place: two saved folders are two values of the same "
+    "tensors, so they cannot both sit on one base (load each folder as its own model)"
+)
 
 
 def is_bias(name: str) -> bool:
@@ -70,4 +75,10 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
-METHOD = MethodRuntime(apply=apply, save=save, load=load, merge=merge)
+def reference(model: nn.Module) -> Reference:
+    """The base: the biases and head as they are now (snapshotted; swapped in inside the context)."""
+    return swap_reference(model)
+
+
+METHOD = MethodRuntime(apply=apply, save=save, load=load, merge=merge, reference=reference,
+                       multi_unsupported=MULTI_UNSUPPORTED)

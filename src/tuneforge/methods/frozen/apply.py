@@ -17,7 +17,13 @@ from tuneforge.config.schema import RunConfig
 from tuneforge.data.batching import Batches, TensorBatches
 from tuneforge.engine.runtime import Runtime
 from tuneforge.errors import ConfigError
-from tuneforge.methods.base import MethodContext, MethodRuntime
+from tuneforge.methods._reference import swap_reference
+from tuneforge.methods.base import MethodContext, MethodRuntime, Reference
+
+MULTI_UNSUPPORTED = (
+    "a frozen-backbone run saves a whole transformers model (backbone + trained head), not an adapter folder "
+    "with a manifest; there is nothing to attach beside another (load each saved folder as its own model)"
+)
 
 
 def apply(model: nn.Module, run: RunConfig, ctx: MethodContext) -> nn.Module:
@@ -66,4 +72,10 @@ def _features(model, extract, data: Batches, batch_size: int, runtime: Runtime, 
     return TensorBatches({"features": out, **extras})
 
 
-METHOD = MethodRuntime(apply=apply, training_view=training_view)
+def reference(model: nn.Module) -> Reference:
+    """The base: the head (the only trainable part) as it is now, swapped in inside the context."""
+    return swap_reference(model)
+
+
+METHOD = MethodRuntime(apply=apply, training_view=training_view, reference=reference,
+                       multi_unsupported=MULTI_UNSUPPORTED)

@@ -15,6 +15,9 @@ from tuneforge.methods._peft import (
     linear_modules,
     load_adapter,
     merge_peft,
+    peft_activate,
+    peft_attach,
+    peft_reference,
     resolve_targets,
     save_adapter,
     task_type,
@@ -75,4 +78,5 @@ def merge(model: nn.Module) -> nn.Module:
     return merge_peft(model)
 
 
-METHOD = MethodRuntime(apply=apply, save=save, load=load, merge=merge)
+METHOD = MethodRuntime(apply=apply, save=save, load=load, merge=merge, reference=peft_reference,
+                       attach=peft_attach, activate=peft_activate)

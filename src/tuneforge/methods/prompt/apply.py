@@ -16,10 +16,18 @@ import torch
 from torch import nn
 
 from tuneforge.config.schema import RunConfig
-from tuneforge.methods._peft import load_adapter, save_adapter, wrap_prompt_learning
+from tuneforge.methods._peft import (
+    load_adapter,
+    peft_activate,
+    peft_attach,
+    peft_reference,
+    read_peft_config,
+    save_adapter,
+    wrap_prompt_learning,
+)
 from tuneforge.methods.base import MethodContext, MethodRuntime
 
-__all__ = ["MERGE_UNSUPPORTED", "apply", "load", "save"]
+__all__ = ["MERGE_UNSUPPORTED", "apply", "attach", "load", "save"]
 
 MERGE_UNSUPPORTED = "a soft prompt is an extra input, not a change of weights"
 
@@ -57,6 +65,20 @@ def load(base_model: nn.Module, folder: Path, method_cfg: Any) -> nn.Module:
     return model
 
 
+def attach(model: nn.Module, folder: Path, name: str) -> nn.Module:
+    """`peft_attach` with the prompt read from the folder (no text/vocab init) and, on the first attach, the
+    pooling hooks of `load`."""
+    from peft import PeftModel
+
+    first = not isinstance(model, PeftModel)
+    config = read_peft_config(folder)
+    config.prompt_tuning_init = "RANDOM"
+    model = peft_attach(model, folder, name, config=config)
+    if first:
+        _pool_last_attended(model)
+    return model
+
+
 def _pool_last_attended(model: nn.Module) -> None:
     """For decoder sequence classifiers: pool at the last attended position (see module docstring)."""
     hf = model.get_base_model()
@@ -83,4 +105,5 @@ def _pool_last_attended(model: nn.Module) -> None:
     score.register_forward_hook(repool)
 
 
-METHOD = MethodRuntime(apply=apply, save=save, load=load, merge_unsupported=MERGE_UNSUPPORTED)
+METHOD = MethodRuntime(apply=apply, save=save, load=load, merge_unsupported=MERGE_UNSUPPORTED,
+                       reference=peft_reference, attach=attach, activate=peft_activate)

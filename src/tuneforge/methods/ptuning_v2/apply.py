@@ -8,7 +8,13 @@ from typing import Any
 from torch import nn
 
 from tuneforge.config.schema import RunConfig
-from tuneforge.methods._peft import load_adapter, save_adapter
+from tuneforge.methods._peft import (
+    load_adapter,
+    peft_activate,
+    peft_attach,
+    peft_reference,
+    save_adapter,
+)
 from tuneforge.methods.base import MethodContext, MethodRuntime
 from tuneforge.methods.prefix.apply import apply_prefix
 
@@ -30,4 +36,5 @@ def load(base_model: nn.Module, folder: Path, method_cfg: Any) -> nn.Module:
     return load_adapter(base_model, folder)
 
 
-METHOD = MethodRuntime(apply=apply, save=save, load=load, merge_unsupported=MERGE_UNSUPPORTED)
+METHOD = MethodRuntime(apply=apply, save=save, load=load, merge_unsupported=MERGE_UNSUPPORTED,
+                       reference=peft_reference, attach=peft_attach, activate=peft_activate)

@@ -25,12 +25,22 @@ from torch import nn
 
 from tuneforge.config.schema import RunConfig
 from tuneforge.errors import ConfigError
-from tuneforge.methods._peft import head_modules, linear_modules, load_adapter, save_adapter, wrap
+from tuneforge.methods._peft import (
+    head_modules,
+    linear_modules,
+    load_adapter,
+    peft_activate,
+    peft_attach,
+    peft_reference,
+    read_peft_config,
+    save_adapter,
+    wrap,
+)
 from tuneforge.methods.base import MethodContext, MethodRuntime
 from tuneforge.methods.lora.apply import peft_lora_config
 from tuneforge.methods.qlora.config import BNB_INSTALL
 
-__all__ = ["apply", "dequantize", "load", "merge", "quantize", "save"]
+__all__ = ["apply", "attach", "base_kind", "dequantize", "load", "merge", "quantize", "save"]
 
 _CONV1D_ATTR = "_tuneforge_conv1d_layers"  # paths that were GPT-2 Conv1D before quantisation
 
@@ -130,6 +140,27 @@ def load(base_model: nn.Module, folder: Path, method_cfg: Any) -> nn.Module:
     return load_adapter(base_model, folder)
 
 
+def base_kind(double_quant: bool, compute_dtype: str) -> str:
+    """The base a qlora adapter expects, as `peft_attach` compares them (adapters share one quantised base)."""
+    return f"a 4-bit NF4 base (double_quant={double_quant}, compute_dtype={compute_dtype})"
+
+
+def attach(model: nn.Module, folder: Path, name: str) -> nn.Module:
+    """`peft_attach` on a base quantised as the folder's manifest says: the first attach quantises the plain
+    base (as `load` does); later ones must have been trained with the same quantisation options."""
+    from tuneforge.methods.saved import METHOD_FILE, read_manifest
+
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("method") != "qlora":
+        raise ValueError(f"{folder} is not a saved qlora folder (no {METHOD_FILE} naming qlora)")
+    options = manifest["options"]
+    double_quant, compute_dtype = bool(options["double_quant"]), str(options["compute_dtype"])
+    config = read_peft_config(folder)
+    heads = list(config.modules_to_save or [])
+    return peft_attach(model, folder, name, config=config, base=base_kind(double_quant, compute_dtype),
+                       prepare=lambda m: quantize(m, heads, double_quant, compute_dtype))
+
+
 def merge(model: nn.Module) -> nn.Module:
     """A plain fp32 model: dequantised base + the LoRA update folded in (see module docstring)."""
     import peft
@@ -148,4 +179,5 @@ def merge(model: nn.Module) -> nn.Module:
         return fresh.merge_and_unload()
 
 
-METHOD = MethodRuntime(apply=apply, save=save, load=load, merge=merge)
+METHOD = MethodRuntime(apply=apply, save=save, load=load, merge=merge, reference=peft_reference,
+                       attach=attach, activate=peft_activate)

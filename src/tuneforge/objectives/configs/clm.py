@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from tuneforge.config.schema import TaskConfig
-from tuneforge.objectives.configs.checks import refuse_head_only, refuse_virtual_tokens
+from tuneforge.objectives.configs.checks import refuse_head_only
 
 __all__ = ["ClmConfig", "check_lm_method"]
 
@@ -16,9 +16,10 @@ def check_lm_method(run: Any, packed_documents: bool, other_packing: str) -> Non
     """No head-only method (the LM head is the pretrained output layer); no document packing with virtual
     tokens (they belong to the whole row, not to each packed document)."""
     refuse_head_only(run, "has none (the LM head is the pretrained output layer)")
-    if packed_documents:
-        refuse_virtual_tokens(run, "which belong to the whole row: task.packing 'documents' cannot keep packed "
-                                   f"documents apart under it; use task.packing={other_packing}")
+    if packed_documents and run.method.virtual_tokens:
+        raise ValueError(
+            f"task.packing 'documents' cannot keep packed documents apart under method '{run.method.name}' (its "
+            f"virtual tokens belong to the whole row); use task.packing={other_packing}")
 
 
 class ClmConfig(TaskConfig):
