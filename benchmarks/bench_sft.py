@@ -76,7 +76,7 @@ def _overrides(a: argparse.Namespace) -> list[str]:
 def heldout_loss(model, tokenizer, a: argparse.Namespace) -> float:
     """Response loss on the held-out rows, by the same code for every run."""
     from tuneforge.config import load_config
-    from tuneforge.engine import autocast_factory
+    from tuneforge.engine import Runtime
     from tuneforge.objectives.causal_lm import evaluate_lm
     from tuneforge.objectives.sft import SftObjective
 
@@ -84,7 +84,7 @@ def heldout_loss(model, tokenizer, a: argparse.Namespace) -> float:
     objective = SftObjective(run)
     data = objective.load_data(run)
     rows = objective.prepare(data.splits["validation"], tokenizer, run)
-    return evaluate_lm(model, rows, batch_size=8, autocast=autocast_factory("bf16"))["loss"]
+    return evaluate_lm(model, rows, batch_size=8, runtime=Runtime.cpu("bf16"))["loss"]
 
 
 def child_trl(a: argparse.Namespace, gc: bool) -> dict:

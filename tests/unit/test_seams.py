@@ -285,7 +285,7 @@ def test_second_registration_is_an_error() -> None:
 def test_unknown_extension_and_duplicate_listing_are_config_errors() -> None:
     from tuneforge.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="unknown extension 'nope'; allowed: .*forgetting"):
+    with pytest.raises(ConfigError, match=r"unknown extension 'nope'; allowed: .*forgetting"):
         load_config(None, ["extensions=[{name: nope}]"])
     with pytest.raises(ConfigError, match="listed more than once"):
         load_config(None, ["extensions=[toy_l2sp, toy_l2sp]"])
