@@ -33,6 +33,7 @@ class Wired:
     ctx: MethodContext
     trainable: int
     total: int
+    lr_scales: dict[str, float]  # parameter name -> factor of the run's rate (``MethodRuntime.lr_scales``)
 
 
 def wire(run: RunConfig, objective: Objective, data: TaskData, model_path: Path, runtime: Runtime, n_layers: int,
@@ -52,4 +53,5 @@ def wire(run: RunConfig, objective: Objective, data: TaskData, model_path: Path,
     method = get_method(run.method.name).runtime()
     model = runtime.move(method.apply(built.model, run, ctx))  # layers a method adds land on the device too
     trainable, total = trainable_summary(model)
-    return Wired(built, model, method, ctx, trainable, total)
+    scales = method.lr_scales(model) if method.lr_scales is not None else {}
+    return Wired(built, model, method, ctx, trainable, total, scales)

@@ -183,8 +183,24 @@ def test_bad_literal_value_lists_allowed_values(data, tmp_path, run_inprocess):
     out = tmp_path / "run"
     code, so, se = run_inprocess(_base(data, out, **{"train.schedule": "exponential"}), tmp_path)
     assert_clean_error(code, so, se, "train.schedule", "'linear'", "'cosine'", "'constant'")
-    code, so, se = run_inprocess(_base(data, out, **{"train.precision": "fp16"}), tmp_path)
-    assert_clean_error(code, so, se, "train.precision", "'auto'", "'bf16'", "'fp32'")
+    code, so, se = run_inprocess(_base(data, out, **{"train.precision": "fp8"}), tmp_path)
+    assert_clean_error(code, so, se, "train.precision", "'auto'", "'bf16'", "'fp16'", "'fp32'")
+    assert not out.exists()
+
+
+def test_absent_device_and_cpu_fp16_name_their_key(data, tmp_path, run_inprocess):
+    """`train.device=cuda` on a machine without one: exit 2, one line naming the key and what is present."""
+    import torch
+
+    from tuneforge.engine.runtime import available_devices
+
+    out = tmp_path / "run"
+    if not torch.cuda.is_available():
+        code, so, se = run_inprocess(_base(data, out, **{"train.device": "cuda"}), tmp_path)
+        assert_clean_error(code, so, se, "train.device", "'cuda' is not available",
+                           "present: " + ", ".join(available_devices()))
+    code, so, se = run_inprocess(_base(data, out, **{"train.device": "cpu", "train.precision": "fp16"}), tmp_path)
+    assert_clean_error(code, so, se, "train.precision", "needs a GPU")
     assert not out.exists()
 
 

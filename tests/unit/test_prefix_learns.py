@@ -4,7 +4,8 @@ Regression test: with one learning rate for the randomly initialised classifier 
 no rate worked on MiniLM-L6 / SST-2 (dev accuracy stayed at the majority class): at 1e-3 the head barely
 moved (a fixed 32-row batch plateaued at loss ~0.40 after 40 steps), at 1e-2 and above Adam's per-weight
 steps, summed over the MLP's 512 hidden units, blew the prefixes up (std 0.3 -> 9) and the loss stalled at
-~0.43. The fix trains the MLP at ``PROJECTION_LR_RATIO`` of the run's rate, so the head gets the rate it needs.
+~0.43. The fix trains the MLP at ``PROJECTION_LR_RATIO`` of the run's rate (the method's ``lr_scales``, its own
+optimizer group), so the head gets the rate it needs.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _prefix(model: str, num_labels: int, *overrides: str):
     return wrapped, run, ctx, n_layers
 
 
-def test_reparameterisation_keeps_peft_function_and_saved_format(tmp_path: Path) -> None:
+def test_prefix_is_plain_peft_and_saves_its_format(tmp_path: Path) -> None:
     import peft
 
     ours, *_ = _prefix("tiny-bert", 3, "method.num_virtual_tokens=5", "method.projection_hidden=48")
@@ -57,7 +58,7 @@ def test_reparameterisation_keeps_peft_function_and_saved_format(tmp_path: Path)
     ids = torch.tensor([[2, 40, 41, 42, 3], [2, 50, 51, 3, 0]])
     mask = (ids != 0).long()
     ours.eval(), plain.eval()
-    with torch.no_grad():  # same seed, same peft init: the rescaled MLP computes the same prefixes
+    with torch.no_grad():  # same seed, same peft init: the same prefixes (the lr factor changes training only)
         torch.testing.assert_close(ours(input_ids=ids, attention_mask=mask).logits,
                                    plain(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-4)
         for p in ours.prompt_encoder["default"].parameters():
@@ -90,7 +91,9 @@ def test_prefix_fits_a_fixed_sst2_batch_at_its_default_lr() -> None:
     labels = torch.tensor([int(r["label"]) for r in rows])
     model, run, ctx, n_layers = _prefix("minilm-l6", 2)
     # the engine's parameter groups and optimizer at the method's default rate (fp32, constant rate, clip 1)
-    opt = build_optimizer(param_groups(model, run.train, run.lr, n_layers, ctx.head_names), run.train)
+    scales = get_method("prefix").runtime().lr_scales(model)
+    assert scales and set(scales.values()) == {0.03}
+    opt = build_optimizer(param_groups(model, run.train, run.lr, n_layers, ctx.head_names, scales), run.train)
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     losses = []

@@ -16,7 +16,13 @@ import pytest
 import torch
 
 from tuneforge.config import load_config
-from tuneforge.engine.runtime import Runtime, available_devices, cpu_has_bf16, resolve_device, resolve_precision
+from tuneforge.engine.runtime import (
+    Runtime,
+    available_devices,
+    cpu_has_bf16,
+    resolve_device,
+    resolve_precision,
+)
 from tuneforge.errors import ConfigError
 
 HAS_CUDA = torch.cuda.is_available()

@@ -30,9 +30,12 @@ def lr_scale(depth: int, n_layers: int, decay: float | None) -> float:
 
 
 def param_groups(
-    model: nn.Module, cfg: TrainConfig, lr: float, n_layers: int, head_names: set[str] = frozenset()
+    model: nn.Module, cfg: TrainConfig, lr: float, n_layers: int, head_names: set[str] = frozenset(),
+    scales: dict[str, float] | None = None,
 ) -> list[dict[str, Any]]:
-    """Trainable parameters grouped by (learning rate, weight decay). Head parameters get the full rate."""
+    """Trainable parameters grouped by (learning rate, weight decay). Head parameters get the full rate;
+    ``scales`` (a method's ``lr_scales``) multiplies the rate of the parameters it names."""
+    scales = scales or {}
     groups: dict[tuple[float, float], list[torch.Tensor]] = defaultdict(list)
     names: dict[tuple[float, float], list[str]] = defaultdict(list)
     seen: set[int] = set()
@@ -41,7 +44,7 @@ def param_groups(
             continue
         seen.add(id(p))
         depth = n_layers + 1 if name in head_names else param_depth(name, n_layers)
-        scale = lr_scale(depth, n_layers, cfg.layer_lr_decay)
+        scale = lr_scale(depth, n_layers, cfg.layer_lr_decay) * scales.get(name, 1.0)
         wd = 0.0 if p.ndim < 2 else cfg.weight_decay
         groups[(lr * scale, wd)].append(p)
         names[(lr * scale, wd)].append(name)

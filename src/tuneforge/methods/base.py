@@ -9,6 +9,8 @@ whose ``METHOD = MethodRuntime(...)`` declares what the method can do. Callers a
   (absent: the whole model is saved with ``save_pretrained``, see `methods.saved`);
 * ``merge``: fold the method into plain transformers weights, or ``merge_unsupported`` says why not;
 * ``training_view``: train on something other than the full model (frozen: the head on cached features);
+* ``lr_scales(model) -> {parameter name: factor}``: parameters that train at a multiple of the run's rate
+  (prefix tuning's reparameterisation MLP); the engine puts them in their own optimizer groups;
 * ``reference(model) -> Reference``: a context in which the model computes as the untouched base (the
   reference model of DPO/KTO/PPO and distillation from the base, without a copy where the method allows);
 * ``attach(model, folder, name)`` / ``activate(model, name)``: several saved method folders on one
@@ -64,6 +66,7 @@ class MethodRuntime:
     merge: Callable[[nn.Module], nn.Module] | None = None
     merge_unsupported: str | None = None
     training_view: Callable[..., tuple[nn.Module, dict[str, Any]]] | None = None
+    lr_scales: Callable[[nn.Module], dict[str, float]] | None = None
     reference: Callable[[nn.Module], Reference] | None = None
     attach: Callable[[nn.Module, Path, str], nn.Module] | None = None
     activate: Callable[[nn.Module, str], None] | None = None

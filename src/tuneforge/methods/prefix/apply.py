@@ -5,57 +5,51 @@ Prefixes cannot be folded into weights, so merge is unsupported; a run exports a
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from tuneforge.config.schema import RunConfig
-from tuneforge.methods._peft import load_adapter, save_adapter, wrap_prompt_learning
+from tuneforge.methods._peft import (
+    load_adapter,
+    peft_activate,
+    peft_attach,
+    peft_reference,
+    save_adapter,
+    wrap_prompt_learning,
+)
 from tuneforge.methods.base import MethodContext, MethodRuntime
 
-__all__ = ["MERGE_UNSUPPORTED", "apply", "apply_prefix", "load", "save"]
+__all__ = ["MERGE_UNSUPPORTED", "METHOD", "PROJECTION_LR_RATIO", "apply", "apply_prefix", "load", "lr_scales", "save"]
 
 MERGE_UNSUPPORTED = "prefix key/values are extra attention inputs, not a change of weights"
 
 
-PROJECTION_LR_RATIO = float(os.environ.get("TF_RATIO", "0.03"))
+# Learning rate of the prefix MLP (and its input embedding) relative to the run's rate, which the head gets.
+# Measured on MiniLM-L6 / SST-2 (see `PrefixConfig`): one rate for both never learned (majority class at
+# 1e-4 .. 3e-2; at 1e-3 the random head barely moves, from 1e-2 Adam blows the MLP's prefixes up), while
+# 3e-2 with the MLP at 0.03 of it reached 82.0% dev accuracy (4,000 rows, 1 epoch); 0.1 and 0.01: 58.8%, 62.6%
+# (1,000 rows).
+PROJECTION_LR_RATIO = 0.03
 
 
-def _scale_reparameterisation(model: nn.Module, ratio: float) -> None:
-    """Make the prefix MLP (embedding + two linears of every peft ``PrefixEncoder``) train at ``ratio`` times
-    the run's learning rate, keeping its function, parameter names and saved format.
-
-    Each parameter is stored as ``theta / ratio`` and used as ``ratio * theta``. Adam's step is invariant to
-    the gradient's scale, so the stored value moves by ~lr per step and the used one by ``ratio * lr``: the
-    same as a parameter group at ``ratio * lr`` (the engine's groups are by layer depth and decay, and a
-    method has no say in them). Decoupled weight decay is relative to the value, so it is unchanged.
-    """
-    import torch
-    import torch.nn.functional as F
+def lr_scales(model: nn.Module) -> dict[str, float]:
+    """The prefix MLP (embedding + two linears of every peft ``PrefixEncoder`` with ``prefix_projection``) trains
+    at ``PROJECTION_LR_RATIO`` times the run's rate; the head and everything else at the run's rate."""
     from peft.tuners.prefix_tuning import PrefixEncoder
 
-    class _SlowPrefixEncoder(PrefixEncoder):
-        def forward(self, prefix: torch.Tensor) -> torch.Tensor:
-            r, (lin1, act, lin2) = self.lr_ratio, self.transform
-            x = F.embedding(prefix, self.embedding.weight * r)
-            x = act(F.linear(x, lin1.weight * r, lin1.bias * r))
-            return F.linear(x, lin2.weight * r, lin2.bias * r)
-
-    for enc in model.modules():
-        if isinstance(enc, PrefixEncoder) and enc.prefix_projection and hasattr(enc, "transform"):
-            with torch.no_grad():
-                for p in enc.parameters():
-                    p.div_(ratio)
-            enc.__class__ = _SlowPrefixEncoder
-            enc.lr_ratio = ratio
+    out: dict[str, float] = {}
+    for name, enc in model.named_modules():
+        if isinstance(enc, PrefixEncoder) and enc.prefix_projection:
+            out |= {f"{name}.{p}": PROJECTION_LR_RATIO for p, _ in enc.named_parameters()}
+    return out
 
 
 def apply_prefix(model: nn.Module, ctx: MethodContext, method: str, num_virtual_tokens: int, projection: bool,
                  projection_hidden: int | None) -> nn.Module:
     """Wrap ``model`` with trained prefixes (``projection``: through an MLP of width ``projection_hidden``,
-    trained at ``PROJECTION_LR_RATIO`` times the learning rate of the head; see `PrefixConfig` for why)."""
+    which `lr_scales` trains at ``PROJECTION_LR_RATIO`` times the head's rate; see `PrefixConfig` for why)."""
     import peft
 
     def make(tt: str, heads: list[str] | None) -> Any:
@@ -63,10 +57,7 @@ def apply_prefix(model: nn.Module, ctx: MethodContext, method: str, num_virtual_
         return peft.PrefixTuningConfig(task_type=tt, num_virtual_tokens=num_virtual_tokens,
                                        prefix_projection=projection, modules_to_save=heads, **kw)
 
-    wrapped = wrap_prompt_learning(model, make, ctx, method)
-    if projection:
-        _scale_reparameterisation(wrapped, PROJECTION_LR_RATIO)
-    return wrapped
+    return wrap_prompt_learning(model, make, ctx, method)
 
 
 def apply(model: nn.Module, run: RunConfig, ctx: MethodContext) -> nn.Module:
@@ -82,7 +73,5 @@ def load(base_model: nn.Module, folder: Path, method_cfg: Any) -> nn.Module:
     return load_adapter(base_model, folder)
 
 
-from tuneforge.methods._peft import peft_activate, peft_attach, peft_reference  # noqa: E402
-
 METHOD = MethodRuntime(apply=apply, save=save, load=load, merge_unsupported=MERGE_UNSUPPORTED,
-                       reference=peft_reference, attach=peft_attach, activate=peft_activate)
+                       reference=peft_reference, attach=peft_attach, activate=peft_activate, lr_scales=lr_scales)
