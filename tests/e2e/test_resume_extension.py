@@ -72,7 +72,7 @@ def test_sigkill_resume_with_extension_equals_uninterrupted(tmp_path: Path) -> N
     assert resumed_from < MAX_STEPS
 
     outputs = []
-    for args in (_args(killed) + ["--resume"], _args(tmp_path / "reference")):
+    for args in ([*_args(killed), "--resume"], _args(tmp_path / "reference")):
         done = _child(args, tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         out, _ = done.communicate(timeout=600)
         assert done.returncode == 0, out
