@@ -128,6 +128,11 @@ def validate_run(run: RunConfig) -> str:
         data = objective.load_data(run)
         sizes = ", ".join(f"{k}={len(v)}" for k, v in data.splits.items())
         lines.append(f"data ok: {sizes}")
+        from tuneforge.extensions import create_extensions
+
+        active = [e.name for e in create_extensions(run, objective, data)]  # their input checks, as train runs them
+        if active:
+            lines.append(f"extensions: {', '.join(active)}")
         lines += [f"  {k}: {v}" for k, v in data.info.items()]
         lines += [f"  note: {n}" for n in data.notes]
     return "\n".join(lines)
