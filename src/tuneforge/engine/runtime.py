@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -135,12 +135,11 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def inference(self) -> contextlib.ExitStack:
+    @contextlib.contextmanager
+    def inference(self) -> Iterator[None]:
         """``inference_mode`` + autocast: what every evaluation and prediction runs under."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        stack.enter_context(self.autocast())
-        return stack
+        with torch.inference_mode(), self.autocast():
+            yield
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
         """A gradient scaler for fp16 (None otherwise: bf16 and fp32 need none)."""
