@@ -109,8 +109,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
         model=model, module=runtime.wrap(module), objective=objective, train_data=splits["train"],
         eval_data=splits["validation"], cfg=run.train, run_dir=run_dir, runtime=runtime, metric=metric,
         groups=param_groups(model, run.train, run.lr, n_layers, wired.ctx.head_names, wired.lr_scales),
-        greater_is_better=greater,
-        quiet=quiet, extensions=extensions))
+        greater_is_better=greater, quiet=quiet, extensions=extensions))
     resumed = loop.resume() if resume else False
     atomic_write_text(run_dir / "config.yaml", to_yaml(run))  # after resume's checks: a refused resume keeps it
     if resumed:
