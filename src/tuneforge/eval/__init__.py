@@ -8,14 +8,15 @@ __all__ = ["flatten_metrics"]
 
 
 def flatten_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """Scalars only; nested per-class figures become ``f1/<label>``; matrices and label lists are left out."""
+    """Scalars only; nested per-class (classification) and per-type (NER) figures become ``f1/<label>``;
+    matrices and label lists are left out."""
     flat: dict[str, float] = {}
     for k, v in metrics.items():
         if isinstance(v, bool) or k in ("confusion_matrix", "labels"):
             continue
         if isinstance(v, (int, float)):
             flat[k] = float(v)
-        elif k == "per_class" and isinstance(v, dict):
+        elif k in ("per_class", "per_type") and isinstance(v, dict):
             for label, stats in v.items():
                 for name, value in stats.items():
                     if name != "support":

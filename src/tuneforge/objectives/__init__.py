@@ -18,9 +18,11 @@ from tuneforge.objectives.base import (
 )
 from tuneforge.objectives.configs.classification import ClassificationConfig
 from tuneforge.objectives.configs.clm import ClmConfig
+from tuneforge.objectives.configs.extractive_qa import ExtractiveQAConfig
 from tuneforge.objectives.configs.mlm import MLMConfig
 from tuneforge.objectives.configs.sft import SftConfig
 from tuneforge.objectives.configs.span_corruption import SpanCorruptionConfig
+from tuneforge.objectives.configs.token_classification import TokenClassificationConfig
 
 _LM = {"generative": True, "model_class": "AutoModelForCausalLM", "pretrained_head": True,
        "evaluates_base_models": True}
@@ -32,5 +34,9 @@ register(ObjectiveSpec("sft", SftConfig, "tuneforge.objectives.sft", chat=True, 
 register(ObjectiveSpec("mlm", MLMConfig, "tuneforge.objectives.mlm", model_class="AutoModelForMaskedLM"))
 register(ObjectiveSpec("span_corruption", SpanCorruptionConfig, "tuneforge.objectives.span_corruption",
                        model_class="T5ForConditionalGeneration"))
+register(ObjectiveSpec("token_classification", TokenClassificationConfig, "tuneforge.objectives.token_classification",
+                       model_class="AutoModelForTokenClassification", predicts=True))
+register(ObjectiveSpec("extractive_qa", ExtractiveQAConfig, "tuneforge.objectives.extractive_qa",
+                       model_class="AutoModelForQuestionAnswering", predicts=True))
 
 __all__ = ["OBJECTIVES", "Built", "Objective", "ObjectiveSpec", "TaskData", "get_objective", "get_spec", "register"]
