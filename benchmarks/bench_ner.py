@@ -134,7 +134,8 @@ def child_hf(a: argparse.Namespace) -> dict:
     for i, row in enumerate(pred.label_ids):
         keep = row != -100
         pred_out.append([labels[k] for k in best[i][keep]])
-        gold_out.append(dv_tags[i][: len(pred_out[-1])])  # words cut by truncation are not scored
+        # gold from the label ids returned with the predictions: a length-grouped eval sampler may reorder rows
+        gold_out.append([labels[k] for k in row[keep]])  # words cut by truncation are not scored
     loop = clock.end - clock.begin
     return {"samples": len(train_ds), "loop_s": loop, "samples_per_s": len(train_ds) / loop,
             "precision": "bf16" if extra.get("bf16") else "fp32", "f1": float(f1_score(gold_out, pred_out)),
