@@ -19,11 +19,10 @@ exactly as the scorer counts it.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from tuneforge.data.readers import read_table
 from tuneforge.errors import DataError
 
 __all__ = ["PREFIXES", "TaggedSentences", "from_iob2", "read_tagged", "spans", "to_iob2", "write_spans"]
@@ -173,31 +172,12 @@ def _read_conll(path: Path, tag_column: int | None, encoding: str) -> TaggedSent
     return TaggedSentences(tokens, tags if tag_column is not None else None, str(path), lines, tag_lines)
 
 
-def _json_rows(path: Path, jsonl: bool, encoding: str) -> list[tuple[int, Any]]:
-    text = path.read_text(encoding=encoding)
-    if not jsonl:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON: {e.msg}", path, e.lineno) from None
-        if not isinstance(data, list):
-            raise DataError("a JSON file must hold a list of {tokens, tags} objects", path)
-        return list(enumerate(data, start=1))
-    rows = []
-    for no, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append((no, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"invalid JSON: {e.msg}", path, no) from None
-    return rows
-
-
 def _read_json(path: Path, jsonl: bool, need_tags: bool, tokens_field: str, tags_field: str,
                encoding: str) -> TaggedSentences:
     tokens, tags, lines = [], [], []
-    for no, row in _json_rows(path, jsonl, encoding):
-        if not isinstance(row, dict) or not isinstance(row.get(tokens_field), list):
+    table = read_table(path, "jsonl" if jsonl else "json", encoding=encoding)  # rows with their line numbers
+    for no, row in zip(table.lines, table.rows, strict=True):
+        if not isinstance(row.get(tokens_field), list):
             raise DataError(f"expected an object with a '{tokens_field}' list", path, no)
         words = [str(w) for w in row[tokens_field]]
         if not words:

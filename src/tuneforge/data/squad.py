@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from tuneforge.data.readers import read_table
 from tuneforge.errors import DataError
 
 __all__ = ["QAExamples", "carve_by_group", "read_squad", "sample_questions"]
@@ -85,17 +86,10 @@ def _read_json(path: Path, obj: Any) -> QAExamples:
     return ex
 
 
-def _read_jsonl(path: Path, text: str) -> QAExamples:
+def _read_jsonl(path: Path) -> QAExamples:
     ex = QAExamples([], [], [], [], source=str(path))
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON ({e.msg})", path, line_no) from None
-        if not isinstance(row, dict):
-            raise DataError("each line must be a JSON object", path, line_no)
+    table = read_table(path, "jsonl")  # one object per line, with line numbers (and gzip)
+    for line_no, row in zip(table.lines, table.rows, strict=True):
         question, context = row.get("question"), row.get("context")
         if not isinstance(question, str) or not question.strip() or not isinstance(context, str) or not context:
             raise DataError("a row needs non-empty 'question' and 'context' strings", path, line_no)
@@ -137,7 +131,7 @@ def read_squad(path: Path, *, allow_unanswerable: bool) -> QAExamples:
             obj = json.loads(text)
         except json.JSONDecodeError:
             obj = None  # several JSON objects: JSONL
-    ex = _read_json(path, obj) if isinstance(obj, dict) and "data" in obj else _read_jsonl(path, text)
+    ex = _read_json(path, obj) if isinstance(obj, dict) and "data" in obj else _read_jsonl(path)
     if not len(ex):
         raise DataError("no questions", path)
     if not allow_unanswerable:

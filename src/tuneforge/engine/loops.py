@@ -163,7 +163,7 @@ class LoopBase:
         return p if p.is_dir() else None
 
     def fit(self) -> FitResult:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement fit(): LoopBase gives only the pieces")
 
 
 @dataclass(frozen=True)

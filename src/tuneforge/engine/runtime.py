@@ -161,10 +161,6 @@ class Runtime:
         """The module that runs forward in training (DDP/FSDP wrapping goes here; one process: itself)."""
         return model
 
-    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        """Mean over processes (one process: the value itself)."""
-        return value
-
     def describe(self) -> str:
         return f"{self.device} ({self.precision})"
 
