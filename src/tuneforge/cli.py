@@ -27,6 +27,7 @@ app = typer.Typer(
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="RECIPE.yaml and/or key=value overrides", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or chatter")]
+Task = Annotated[str | None, typer.Option("--task", help="multi-task runs: the task to use (see task.tasks)")]
 
 
 def _split_recipe(args: list[str] | None) -> tuple[str | None, list[str]]:
@@ -72,12 +73,13 @@ def evaluate(
     data: Annotated[Path, typer.Option("--data", help="file to evaluate on (same layout as training data)")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides (e.g. data.header=false)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print a flat JSON object of metric -> value")] = False,
+    task: Task = None,
     quiet: Quiet = False,
 ) -> None:
     """Evaluate a trained run on a labelled file."""
     from tuneforge.inference import evaluate_file
 
-    metrics = evaluate_file(run_dir, data, list(overrides or []))
+    metrics = evaluate_file(run_dir, data, list(overrides or []), task)
     if as_json:
         typer.echo(json.dumps(metrics))
     else:
@@ -92,13 +94,14 @@ def predict(
     input: Annotated[Path | None, typer.Option("--input", help="file of texts (csv/tsv/json/jsonl/parquet/txt)")] = None,
     output: Annotated[Path | None, typer.Option("--output", help="write predictions here (.jsonl or .csv)")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override for reading --input")] = None,
+    task: Task = None,
 ) -> None:
     """Predict labels and class probabilities for texts or a file."""
     from tuneforge.inference import predict_texts, write_predictions
 
     if not texts and input is None:
         raise ConfigError("give texts to classify or --input FILE")
-    rows = predict_texts(run_dir, list(texts or []), input, list(set_ or []))
+    rows = predict_texts(run_dir, list(texts or []), input, list(set_ or []), task)
     if output is not None:
         write_predictions(rows, output)
         typer.echo(f"wrote {len(rows)} predictions to {output}")

@@ -23,12 +23,19 @@ from tuneforge.track import atomic_write_text
 __all__ = ["evaluate_file", "load_run", "predict_texts", "validate_run", "write_predictions"]
 
 
-def load_run(run_dir: Path, overrides: list[str]) -> RunConfig:
-    """The saved config of ``run_dir`` with ``overrides`` applied."""
+def load_run(run_dir: Path, overrides: list[str], task: str | None = None) -> RunConfig:
+    """The saved config of ``run_dir`` with ``overrides`` applied; ``task`` picks one task of a multi-task
+    run (its task config has a ``select`` field) and is refused for a single-task run."""
     cfg_file = run_dir / "config.yaml"
     if not (run_dir / "model" / "config.json").is_file() or not cfg_file.is_file():
         raise ConfigError(f"{run_dir} is not a finished tuneforge run (no config.yaml and model/)")
-    return load_config(cfg_file, overrides)
+    run = load_config(cfg_file, overrides)
+    if task is None:
+        return run
+    if "select" not in type(run.task).model_fields:
+        raise ConfigError(f"--task picks one task of a multi-task run; {run_dir} is a single-task "
+                          f"'{run.task.name}' run", key="task")
+    return load_config(cfg_file, [*overrides, f"task.select={task}"])
 
 
 def _runtime(run: RunConfig, run_dir: Path, model_dir: Path | None = None):
@@ -57,14 +64,14 @@ def _base_model(target: Path, overrides: list[str]) -> tuple[RunConfig, Path]:
     return run, resolve_model(run.model.name)
 
 
-def evaluate_file(run_dir: Path, data: Path, overrides: list[str]) -> dict[str, float]:
-    """Flat metrics of the run's model on a labelled file.
+def evaluate_file(run_dir: Path, data: Path, overrides: list[str], task: str | None = None) -> dict[str, float]:
+    """Flat metrics of the run's model on a labelled file (of task ``task`` of a multi-task run).
 
     ``run_dir`` may also be a registry model name or a HF folder for objectives that score a base model
     (``task=clm`` or ``task=sft`` among the overrides, e.g. perplexity of ``smollm2-135m`` on a text file).
     """
     if (run_dir / "config.yaml").is_file() or (run_dir / "model").is_dir():
-        run = load_run(run_dir, overrides)
+        run = load_run(run_dir, overrides, task)
         objective, built, runtime, batch_size = _runtime(run, run_dir)
     else:
         run, folder = _base_model(run_dir, overrides)
@@ -74,11 +81,13 @@ def evaluate_file(run_dir: Path, data: Path, overrides: list[str]) -> dict[str, 
     return flatten_metrics(objective.evaluate(built.model, batches, batch_size=batch_size, runtime=runtime))
 
 
-def predict_texts(run_dir: Path, texts: list[str], input_file: Path | None, overrides: list[str]) -> list[dict[str, Any]]:
-    """Predictions for ``texts`` and/or the texts of ``input_file``, in order."""
+def predict_texts(run_dir: Path, texts: list[str], input_file: Path | None, overrides: list[str],
+                  task: str | None = None) -> list[dict[str, Any]]:
+    """Predictions for ``texts`` and/or the texts of ``input_file``, in order (by task ``task`` of a
+    multi-task run)."""
     from tuneforge.objectives import get_spec
 
-    run = load_run(run_dir, overrides)
+    run = load_run(run_dir, overrides, task)
     spec = get_spec(run.task.name)
     if not spec.predicts:
         instead = (f"use `tuneforge generate {run_dir} \"prompt\"`" if spec.generative

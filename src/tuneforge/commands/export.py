@@ -18,15 +18,20 @@ def register(app: typer.Typer) -> None:
         export: Annotated[bool, typer.Option("--export", help="for methods that cannot merge (prefix, prompt...): "
                                              "write a self-contained folder with a copy of the base model")] = False,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty OUT_DIR")] = False,
+        task: Annotated[str | None, typer.Option("--task", help="multi-task runs: write this one task as a plain "
+                                                  "single-task run (OUT_DIR/model loads in transformers)")] = None,
     ) -> None:
         """Merge LoRA / DoRA / IA3 / QLoRA weights into the base model: OUT_DIR/model loads in plain transformers."""
         from tuneforge.export import merge_run
 
-        res = merge_run(run_dir, out_dir, export=export, overwrite=overwrite)
+        res = merge_run(run_dir, out_dir, export=export, overwrite=overwrite, task=task)
         model = res.out_dir / "model"
         if res.kind == "merged":
             typer.echo(f"merged '{res.method}' into {model} (merged vs unmerged logits on a probe batch: max "
                        f"|diff| {res.max_abs_diff:.2e}); it loads with transformers alone (from_pretrained)")
+        elif res.kind == "task":
+            typer.echo(f"wrote task '{task}' ('{res.method}' folded in) to {model} (vs the multi-task model on a probe "
+                       f"batch: max |diff| {res.max_abs_diff:.2e}); it loads with transformers alone")
         elif res.kind == "copied":
             typer.echo(f"method '{res.method}' saves plain weights already; copied to {model}")
         else:

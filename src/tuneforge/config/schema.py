@@ -26,6 +26,7 @@ __all__ = [
     "register_extension_config",
     "register_method_config",
     "register_task_config",
+    "task_block",
 ]
 
 
@@ -121,6 +122,12 @@ def _named_block(value: Any, registry: dict[str, type[StrictModel]], what: str) 
         allowed = ", ".join(sorted(registry))
         raise ValueError(f"unknown {what} '{name}'; allowed: {allowed}")
     return registry[name].model_validate(value)
+
+
+def task_block(value: Any) -> TaskConfig:
+    """A ``task`` block (a name or a mapping with ``name``) validated by its objective's config class; for
+    configs that nest tasks (multi-task runs)."""
+    return _named_block(value, _TASK_CONFIGS, "task")
 
 
 # --------------------------------------------------------------------------- blocks

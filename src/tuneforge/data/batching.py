@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-__all__ = ["Batches", "TensorBatches", "TokenBatches", "plan_batches"]
+__all__ = ["Batches", "TensorBatches", "TokenBatches", "num_batches", "plan_batches"]
 
 
 class Batches(Protocol):
@@ -30,6 +30,13 @@ class Batches(Protocol):
     def plan(self, epoch: int, batch_size: int, *, seed: int, shuffle: bool) -> list[list[int]]: ...
 
     def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]: ...
+
+
+def num_batches(data: Any, batch_size: int) -> int:
+    """Batches in one epoch of ``data``: ``ceil(len / batch_size)``, or the source's own count when it plans
+    batches otherwise (``num_batches(batch_size)``, e.g. multi-task data: one task per batch)."""
+    own = getattr(data, "num_batches", None)
+    return own(batch_size) if callable(own) else -(-len(data) // batch_size)
 
 
 def plan_batches(

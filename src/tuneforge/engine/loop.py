@@ -14,6 +14,7 @@ import time
 
 from tqdm.auto import tqdm
 
+from tuneforge.data.batching import num_batches
 from tuneforge.engine.loops import FitResult, LoopBase, LoopContext, steps_per_epoch
 from tuneforge.engine.tracking import train_row
 
@@ -25,7 +26,7 @@ class SupervisedLoop(LoopBase):
 
     def __init__(self, ctx: LoopContext):
         cfg = ctx.cfg
-        n_batches = math.ceil(len(ctx.train_data) / cfg.batch_size)
+        n_batches = num_batches(ctx.train_data, cfg.batch_size)
         self.steps_per_epoch = steps_per_epoch(n_batches, cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         super().__init__(ctx)

@@ -14,6 +14,10 @@ merge then stops with that reason (exit 2) unless ``export=True``, which writes 
 instead: the method weights, a copy of the base model under ``model/base`` and a manifest pointing there,
 loadable by tuneforge (the manifest holds an absolute path, so move such a folder by exporting again).
 Runs whose model is already a plain folder (full, frozen, partial) are copied as they are.
+
+``--task NAME`` on a multi-task run writes that one task as a single-task run: the method folded in, the
+task's head on its own copy of the backbone, its label set and tokenizer, and the single-task recipe, so
+OUT_DIR is evaluated and predicted with like any classification/NER/QA run.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ class MergeUnsupportedError(TuneforgeError):
 
 @dataclass
 class MergeResult:
-    """Where the output went and what kind it is: ``merged``, ``copied`` (already plain) or ``exported``."""
+    """Where the output went and what kind it is: ``merged``, ``copied`` (already plain), ``exported`` or
+    ``task`` (one task of a multi-task run)."""
 
     out_dir: Path
     kind: str
@@ -58,15 +63,19 @@ class MergeResult:
     max_abs_diff: float | None = None
 
 
-def merge_run(run_dir: Path, out_dir: Path, *, export: bool = False, overwrite: bool = False) -> MergeResult:
-    """Merge (or, with ``export``, package) the model of ``run_dir`` into ``out_dir``; see module docstring."""
+def merge_run(run_dir: Path, out_dir: Path, *, export: bool = False, overwrite: bool = False,
+              task: str | None = None) -> MergeResult:
+    """Merge (or, with ``export``, package) the model of ``run_dir`` into ``out_dir``; see module docstring.
+    ``task``: one task of a multi-task run, written as a plain single-task run (`_merge_task`)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    run = load_run(run_dir, [])
+    run = load_run(run_dir, [], task)
     model_dir = run_dir / "model"
     if out_dir.resolve() == run_dir.resolve() or out_dir.resolve().is_relative_to(model_dir.resolve()):
         raise ConfigError(f"the output {out_dir} must be outside the run directory {run_dir}")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ConfigError(f"{out_dir} exists and is not empty; use --overwrite to replace it")
+    if task is not None:
+        return _merge_task(run, run_dir, out_dir, task)
     manifest = read_manifest(model_dir)
     if manifest is None:
         with atomic_directory(out_dir) as tmp:
@@ -116,10 +125,44 @@ def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _copy_side_files(src: Path, dst: Path) -> None:
-    """Tokenizer files, labels.json and the like: everything but weights and method files."""
+    """Tokenizer files, labels.json and the like (a multi-task run's ``tasks/``): all but weights and method files."""
     for f in src.iterdir():
-        if f.is_file() and f.name not in _METHOD_FILES and not f.name.endswith(_WEIGHT_SUFFIXES):
+        if f.is_dir():
+            shutil.copytree(f, dst / f.name)
+        elif f.is_file() and f.name not in _METHOD_FILES and not f.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copy2(f, dst / f.name)
+
+
+def _merge_task(run: Any, run_dir: Path, out_dir: Path, task: str) -> MergeResult:
+    """One task of a multi-task run as a single-task run folder whose ``model/`` is plain transformers: the
+    method folded in (when it has weights to fold), the task's head on its own copy of the backbone."""
+    from tuneforge.config import to_yaml
+    from tuneforge.objectives import get_objective
+    from tuneforge.objectives.configs.multitask import sub_run
+
+    model_dir = run_dir / "model"
+    manifest = read_manifest(model_dir)
+    method = manifest["method"] if manifest else run.method.name
+    merge = get_method(method).runtime().merge if manifest else (lambda m: m)
+    if merge is None:
+        reason = get_method(method).runtime().merge_unsupported or "the method defines no merge"
+        raise MergeUnsupportedError(f"method '{method}' cannot be merged into plain weights: {reason}")
+    built = get_objective(run).from_saved(model_dir)
+    device = Runtime.for_run(run.train).device
+    model = built.model.to(device)
+    probe = {k: v.to(device) for k, v in _probe_inputs(model).items()}
+    with torch.no_grad():
+        before = model(task=task, **probe).logits.float()
+        single = merge(model).eval().task_model(task).eval()
+        diff = float((single(**probe).logits.float() - before).abs().max())
+    with atomic_directory(out_dir) as tmp:
+        single.save_pretrained(tmp / "model")
+        for f in (model_dir / "tasks" / task).iterdir():
+            shutil.copy2(f, tmp / "model" / f.name)
+        (tmp / "config.yaml").write_text(to_yaml(sub_run(run, task)), encoding="utf-8")
+        atomic_write_json(tmp / "merge.json", {"source_run": str(run_dir.resolve()), "kind": "task", "task": task,
+                                               "method": method, "probe_max_abs_logit_diff": diff})
+    return MergeResult(out_dir, "task", method, diff)
 
 
 def _finish(tmp: Path, run_dir: Path, info: dict[str, Any]) -> None:

@@ -84,9 +84,12 @@ def head_modules(model: nn.Module, head_names: Iterable[str]) -> list[str]:
     inside it that the checkpoint lacked (``bert.pooler.dense.weight``) give their owning module.
     """
     prefix = getattr(model, "base_model_prefix", "")
+    owner = getattr(model, "head_module_of", None)  # a model with several heads says which module owns one
     out: set[str] = set()
     for name in head_names:
-        if prefix and name.startswith(prefix + "."):
+        if owner is not None:
+            out.add(owner(name))
+        elif prefix and name.startswith(prefix + "."):
             out.add(name.rsplit(".", 1)[0])
         else:
             out.add(name.split(".", 1)[0])

@@ -18,8 +18,11 @@ from tuneforge.objectives.base import (
 )
 from tuneforge.objectives.configs.classification import ClassificationConfig
 from tuneforge.objectives.configs.clm import ClmConfig
+from tuneforge.objectives.configs.dpo import DpoConfig
 from tuneforge.objectives.configs.extractive_qa import ExtractiveQAConfig
 from tuneforge.objectives.configs.mlm import MLMConfig
+from tuneforge.objectives.configs.multitask import MultiTaskConfig
+from tuneforge.objectives.configs.reward import RewardConfig
 from tuneforge.objectives.configs.sft import SftConfig
 from tuneforge.objectives.configs.span_corruption import SpanCorruptionConfig
 from tuneforge.objectives.configs.token_classification import TokenClassificationConfig
@@ -28,15 +31,20 @@ _LM = {"generative": True, "model_class": "AutoModelForCausalLM", "pretrained_he
        "evaluates_base_models": True}
 
 register(ObjectiveSpec("classification", ClassificationConfig, "tuneforge.objectives.classification",
-                       model_class="AutoModelForSequenceClassification", predicts=True, feature_head=True))
+                       model_class="AutoModelForSequenceClassification", predicts=True, feature_head=True, task_head=True))
 register(ObjectiveSpec("clm", ClmConfig, "tuneforge.objectives.clm", **_LM))
 register(ObjectiveSpec("sft", SftConfig, "tuneforge.objectives.sft", chat=True, **_LM))
 register(ObjectiveSpec("mlm", MLMConfig, "tuneforge.objectives.mlm", model_class="AutoModelForMaskedLM"))
 register(ObjectiveSpec("span_corruption", SpanCorruptionConfig, "tuneforge.objectives.span_corruption",
                        model_class="T5ForConditionalGeneration"))
 register(ObjectiveSpec("token_classification", TokenClassificationConfig, "tuneforge.objectives.token_classification",
-                       model_class="AutoModelForTokenClassification", predicts=True))
+                       model_class="AutoModelForTokenClassification", predicts=True, task_head=True))
 register(ObjectiveSpec("extractive_qa", ExtractiveQAConfig, "tuneforge.objectives.extractive_qa",
-                       model_class="AutoModelForQuestionAnswering", predicts=True))
+                       model_class="AutoModelForQuestionAnswering", predicts=True, task_head=True))
+register(ObjectiveSpec("multitask", MultiTaskConfig, "tuneforge.objectives.multitask",
+                       model_class="tuneforge.models.multitask:MultiTaskModel", predicts=True))
+register(ObjectiveSpec("reward", RewardConfig, "tuneforge.objectives.reward",
+                       model_class="AutoModelForSequenceClassification", predicts=True))
+register(ObjectiveSpec("dpo", DpoConfig, "tuneforge.objectives.dpo", **_LM))
 
 __all__ = ["OBJECTIVES", "Built", "Objective", "ObjectiveSpec", "TaskData", "get_objective", "get_spec", "register"]

@@ -43,6 +43,7 @@ __all__ = [
     "ObjectiveSpec",
     "PredictiveObjective",
     "TaskData",
+    "TaskHeadObjective",
     "TokenLogits",
     "eval_batches",
     "get_objective",
@@ -146,6 +147,14 @@ class FeatureHeadObjective(Objective, Protocol):
         """(batch -> the features the head reads, module mapping cached features to outputs)."""
 
 
+class TaskHeadObjective(Objective, Protocol):
+    """Objectives whose spec says ``task_head=True``: one task of a multi-task run."""
+
+    def load_state(self, model_dir: Path) -> None:
+        """Restore what the objective learned from its data (e.g. the label set) from the files
+        ``save_artifacts`` wrote into ``model_dir``, without loading a model."""
+
+
 @dataclass(frozen=True)
 class ObjectiveSpec:
     """A registered objective: name, config class, the module whose ``OBJECTIVE`` class implements it, and
@@ -161,6 +170,9 @@ class ObjectiveSpec:
         predicts: ``tuneforge predict`` labels texts with it (implements `PredictiveObjective`).
         feature_head: implements `FeatureHeadObjective` (the frozen method caches features).
         loop: the training loop shape (`tuneforge.engine.loops`), ``supervised`` by default.
+        task_head: a head over the architecture's base model (``AutoModelFor...`` with ``base_model_prefix``)
+            that a multi-task run can put beside other heads on one shared backbone; implements
+            `TaskHeadObjective`.
     """
 
     name: str
@@ -174,6 +186,7 @@ class ObjectiveSpec:
     predicts: bool = False
     feature_head: bool = False
     loop: str = "supervised"
+    task_head: bool = False
 
     def create(self, run: RunConfig) -> Objective:
         """Instantiate the objective for one run (it may keep run state, e.g. class weights)."""
@@ -182,9 +195,12 @@ class ObjectiveSpec:
         return objective
 
     def model_cls(self) -> Any:
-        """The transformers class named by ``model_class``."""
+        """The class named by ``model_class``: a transformers auto class, or ``"package.module:Class"``."""
         if not self.model_class:
             raise ConfigError(f"task '{self.name}' declares no model class to load its saved model", key="task")
+        if ":" in self.model_class:
+            module, _, name = self.model_class.partition(":")
+            return vars(importlib.import_module(module))[name]
         import transformers
 
         return getattr(transformers, self.model_class)

@@ -214,13 +214,17 @@ class ClassificationObjective:
         atomic_write_json(out_dir / "labels.json", {"labels": data.info["labels"]})
 
     # ----------------------------------------------------------------- after training
+    def load_state(self, model_dir: Path) -> None:
+        """The label set of a saved classifier (``labels.json``)."""
+        self.labels = read_label_map(model_dir)
+
     def from_saved(self, model_dir: Path) -> Built:
         """Load a trained classifier folder (plain transformers) and its label set."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from tuneforge.methods.saved import load_trained
 
-        self.labels = read_label_map(model_dir)
+        self.load_state(model_dir)
         model = load_trained(AutoModelForSequenceClassification, model_dir, dtype=torch.float32)
         return Built(model.eval(), AutoTokenizer.from_pretrained(model_dir))
 

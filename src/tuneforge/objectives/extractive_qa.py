@@ -122,6 +122,7 @@ class ExtractiveQAObjective:
     name = "extractive_qa"
     default_metric = "f1"
     greater_is_better = True
+    metric_in_percent = True  # EM and F1 are percentages, as the official SQuAD script prints them
 
     def __init__(self, run: RunConfig):
         self.run = run
@@ -229,6 +230,9 @@ class ExtractiveQAObjective:
         """Nothing besides the HF folder: the window settings live in the run's ``config.yaml``."""
 
     # ----------------------------------------------------------------- after training
+    def load_state(self, model_dir: Path) -> None:
+        """Nothing: extractive QA learns no label set from its data."""
+
     def from_saved(self, model_dir: Path) -> Built:
         from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 

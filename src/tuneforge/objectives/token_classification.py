@@ -268,13 +268,17 @@ class TokenClassificationObjective:
         atomic_write_json(out_dir / "labels.json", {"labels": data.info["labels"], "scheme": data.info["scheme"]})
 
     # ----------------------------------------------------------------- after training
+    def load_state(self, model_dir: Path) -> None:
+        """The tag set of a saved tagger (``labels.json``)."""
+        self.labels = read_tag_set(model_dir)
+
     def from_saved(self, model_dir: Path) -> Built:
         """Load a trained tagger folder (plain transformers, or a method's saved form) and its tag set."""
         from transformers import AutoModelForTokenClassification
 
         from tuneforge.methods.saved import load_trained
 
-        self.labels = read_tag_set(model_dir)
+        self.load_state(model_dir)
         model = load_trained(AutoModelForTokenClassification, model_dir, dtype=torch.float32)
         return Built(model.eval(), _tokenizer(model_dir))
 
