@@ -16,7 +16,7 @@ from tuneforge.config import load_config
 from tuneforge.pipeline import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from _common import cli  # noqa: E402
+from _common import cli
 
 
 @pytest.fixture(autouse=True)
