@@ -59,17 +59,17 @@ class MultiTaskConfig(TaskConfig):
         from tuneforge.objectives.base import get_spec
 
         if len(self.tasks) < 2:
-            raise ValueError("task.tasks: a multi-task run lists two or more tasks")
+            raise ValueError("task.tasks lists fewer than two tasks; a multi-task run lists two or more tasks")
         for name, entry in self.tasks.items():
             if not _NAME_RE.match(name):
-                raise ValueError(f"task.tasks: '{name}' is not a task name (letters, digits, _; not starting with a "
-                                 "digit), so that overrides can reach it (task.tasks.NAME.data.train=...)")
+                raise ValueError(f"task.tasks has '{name}', which is not a task name (letters, digits, _; not starting "
+                                 "with a digit), so that overrides can reach it (task.tasks.NAME.data.train=...)")
             if not get_spec(entry.task.name).task_head:
-                raise ValueError(f"task.tasks.{name}.task: '{entry.task.name}' has no task head on a shared "
+                raise ValueError(f"task.tasks.{name}.task '{entry.task.name}' has no task head on a shared "
                                  "backbone; multi-task runs combine classification, token_classification and "
                                  "extractive_qa-like tasks")
         if self.select is not None and self.select not in self.tasks:
-            raise ValueError(f"task.select: '{self.select}' is not a task of this run; tasks: {', '.join(self.tasks)}")
+            raise ValueError(f"task.select '{self.select}' is not a task of this run; tasks: {', '.join(self.tasks)}")
         return self
 
     def check_run(self, run: Any) -> None:
@@ -78,8 +78,8 @@ class MultiTaskConfig(TaskConfig):
                              "run shares the backbone between several task models: use a method that changes the "
                              "backbone's weights or layers (full, frozen, lora, qlora, ia3, adapter, bitfit)")
         if run.data.train is not None or run.data.validation is not None:
-            raise ValueError("data.train: a multi-task run reads each task's own data block (task.tasks.NAME.data); "
-                             "leave the top-level data block empty")
+            raise ValueError("data.train is not used by a multi-task run: each task reads its own data block "
+                             "(task.tasks.NAME.data); leave the top-level data block empty")
         for name, entry in self.tasks.items():
             try:
                 sub_run(run, name, entry)
@@ -87,7 +87,7 @@ class MultiTaskConfig(TaskConfig):
                 first = e.errors()[0]
                 where = ".".join(str(p) for p in first["loc"])
                 msg = first["msg"].removeprefix("Value error, ")
-                raise ValueError(f"task.tasks.{name}: {where + ': ' if where else ''}{msg}") from None
+                raise ValueError(f"task.tasks.{name}{'.' + where if where else ''} {msg}") from None
 
 
 def sub_run(run: Any, name: str, entry: TaskEntry | None = None) -> RunConfig:

@@ -1,0 +1,106 @@
+"""SIGKILL and resume for the task-head objectives: NER (token classification), extractive QA and a multi-task
+run killed mid-epoch. The resumed run must end with the same weights (1e-6) as the same run done in one go,
+which needs each objective's batches (windows, one-task-per-batch plans) rebuilt identically on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from _common import REPO, cli, cli_env
+from test_resume import complete_checkpoints, logged_train_steps, max_abs_diff
+
+pytestmark = pytest.mark.e2e
+
+MAX_STEPS = 24
+KILL_AFTER = 10
+
+sys.path.insert(0, str(REPO / "tests" / "unit"))
+from test_extractive_qa import synthetic_rows  # noqa: E402
+from test_extractive_qa import write_jsonl as write_qa  # noqa: E402
+from test_multitask import write_sentiment  # noqa: E402
+from test_token_classification import make_sentences, write_conll  # noqa: E402
+
+
+def _case_args(case: str) -> list[str]:
+    if case == "ner":
+        return ["task=token_classification", "data.train=ner.train", "data.validation=ner.val"]
+    if case == "qa":
+        return ["task=extractive_qa", "data.train=qa-train.jsonl", "data.validation=qa-val.jsonl", "task.max_length=64", "task.max_question_length=16",
+                "task.doc_stride=24"]
+    return ["task=multitask", "task.sampling=temperature", "task.temperature=3",
+            "task.tasks.cls.task=classification", "task.tasks.cls.data.train=cls.csv",
+            "task.tasks.cls.data.validation=cls-val.csv",
+            "task.tasks.ner.task=token_classification", "task.tasks.ner.data.train=ner.train",
+            "task.tasks.ner.data.validation=ner.val"]
+
+
+def _args(case: str, run: Path) -> list[str]:
+    return ["train", "model=tiny-bert", *_case_args(case), f"output_dir={run}", f"train.max_steps={MAX_STEPS}",
+            "train.save_steps=4", "train.eval_steps=12", "train.batch_size=4", "train.log_steps=1", "train.lr=1e-2",
+            "train.precision=fp32", "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("resume-tasks")
+    rows = make_sentences(140, seed=4)
+    write_conll(d / "ner.train", rows[:120])
+    write_conll(d / "ner.val", rows[120:])
+    qa = synthetic_rows(120, seed=3)
+    write_qa(d / "qa-train.jsonl", qa[:100])
+    write_qa(d / "qa-val.jsonl", qa[100:])
+    write_sentiment(d / "cls.csv", 60, 0)
+    write_sentiment(d / "cls-val.csv", 12, 1)
+    return d
+
+
+def _kill_after_checkpoint(case: str, run: Path, cwd: Path) -> int:
+    with (cwd / f"killed-{case}.log").open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "tuneforge", *_args(case, run)], cwd=cwd, env=cli_env(),
+                                stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 600
+        try:
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"training ended (rc={proc.returncode}) before it could be killed; see {log.name}")
+                if time.monotonic() > deadline:
+                    pytest.fail("training made no progress in time")
+                ckpts = [s for s in complete_checkpoints(run) if s >= KILL_AFTER]
+                logged = logged_train_steps(run)
+                if ckpts and logged and max(logged) >= ckpts[-1] + 2:
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=60)
+                    break
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    return complete_checkpoints(run)[-1]
+
+
+@pytest.mark.parametrize("case", ["ner", "qa", "multitask"])
+def test_killed_run_resumes_to_the_same_weights(case: str, workdir: Path) -> None:
+    resumed, reference = workdir / f"resumed-{case}", workdir / f"reference-{case}"
+    step = _kill_after_checkpoint(case, resumed, workdir)
+    state = json.loads((resumed / "checkpoints" / f"step-{step:08d}" / "state.json").read_text(encoding="utf-8"))
+    assert state["batch_in_epoch"] > 0, "the kill should land mid-epoch"
+    out = cli(*_args(case, resumed), "--resume", cwd=workdir)
+    assert f"resumed from step {step} of {MAX_STEPS}" in out.stdout
+    cli(*_args(case, reference), cwd=workdir)
+    last = f"step-{MAX_STEPS:08d}"
+    diff = max_abs_diff(resumed / "checkpoints" / last / "trainable.safetensors",
+                        reference / "checkpoints" / last / "trainable.safetensors")
+    assert diff <= 1e-6
+    got = json.loads((resumed / "metrics.json").read_text(encoding="utf-8"))["eval"]
+    ref = json.loads((reference / "metrics.json").read_text(encoding="utf-8"))["eval"]
+    assert got == pytest.approx(ref, abs=1e-6)
