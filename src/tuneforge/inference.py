@@ -133,9 +133,9 @@ def validate_run(run: RunConfig) -> str:
     lines = [f"config ok: task={run.task.name} method={run.method.name} model={describe(run)} ({n_layers} layers) "
              f"on {runtime.describe()}"]
     run.method.check_model(n_layers)
-    if run.data.train is not None:
+    if run.data.train is not None or run.task.own_data:
         data = objective.load_data(run)
-        sizes = ", ".join(f"{k}={len(v)}" for k, v in data.splits.items())
+        sizes = ", ".join(f"{k}={_size(v)}" for k, v in data.splits.items())
         lines.append(f"data ok: {sizes}")
         from tuneforge.extensions import create_extensions
 
@@ -145,3 +145,10 @@ def validate_run(run: RunConfig) -> str:
         lines += [f"  {k}: {v}" for k, v in data.info.items()]
         lines += [f"  note: {n}" for n in data.notes]
     return "\n".join(lines)
+
+
+def _size(records: Any) -> str:
+    """Examples in a split; per task for a multi-task run's splits (a mapping task -> records)."""
+    if isinstance(records, dict):
+        return " + ".join(f"{len(v)} ({k})" for k, v in records.items())
+    return str(len(records))

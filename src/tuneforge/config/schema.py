@@ -71,6 +71,8 @@ class TaskConfig(StrictModel):
 
     name: str = "classification"
     general_eval: Path | None = Field(None, description="held-out general file: forgetting report before/after")
+    #: the task's data blocks live inside the task block (multi-task runs), not in the top-level ``data``
+    own_data: ClassVar[bool] = False
 
     def check_run(self, run: Any) -> None:
         """Cross-field checks against the whole run (raise `ValueError` naming the keys)."""

@@ -20,7 +20,7 @@ errors are the ones a single-task run gives, prefixed with ``task.tasks.<name>``
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
@@ -47,6 +47,7 @@ class MultiTaskConfig(TaskConfig):
     """Options of multi-task training (see `tuneforge.objectives.multitask`)."""
 
     name: Literal["multitask"] = "multitask"
+    own_data: ClassVar[bool] = True
     tasks: dict[str, TaskEntry] = Field(description="task name -> {task: ..., data: ...}; two or more")
     sampling: Literal["proportional", "temperature", "round_robin"] = Field(
         "proportional", description="which task each batch comes from: every batch once (proportional), drawn with "
