@@ -171,3 +171,9 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
                      "chosen": f"the {thing} was{pad()} {rng.choice(GOOD)}",
                      "rejected": f"the {thing} was{pad()} {rng.choice(BAD)}"})
     return rows
+
+
+def synthetic_unpaired(n: int, seed: int = 0) -> list[dict]:
+    """``n`` KTO rows {prompt, completion, label}: praise is desirable, panning is not (alternating)."""
+    return [{"prompt": r["prompt"], "completion": r["chosen"] if i % 2 == 0 else r["rejected"], "label": i % 2 == 0}
+            for i, r in enumerate(synthetic_pairs(n, seed))]

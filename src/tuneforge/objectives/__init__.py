@@ -18,7 +18,7 @@ from tuneforge.objectives.base import (
 )
 from tuneforge.objectives.configs.classification import ClassificationConfig
 from tuneforge.objectives.configs.clm import ClmConfig
-from tuneforge.objectives.configs.dpo import DpoConfig
+from tuneforge.objectives.configs.dpo import DpoConfig, KtoConfig, SimpoConfig
 from tuneforge.objectives.configs.extractive_qa import ExtractiveQAConfig
 from tuneforge.objectives.configs.mlm import MLMConfig
 from tuneforge.objectives.configs.multitask import MultiTaskConfig
@@ -46,5 +46,7 @@ register(ObjectiveSpec("multitask", MultiTaskConfig, "tuneforge.objectives.multi
 register(ObjectiveSpec("reward", RewardConfig, "tuneforge.objectives.reward",
                        model_class="AutoModelForSequenceClassification", predicts=True))
 register(ObjectiveSpec("dpo", DpoConfig, "tuneforge.objectives.dpo", **_LM))
+register(ObjectiveSpec("simpo", SimpoConfig, "tuneforge.objectives.simpo", **_LM))
+register(ObjectiveSpec("kto", KtoConfig, "tuneforge.objectives.kto", **_LM))
 
 __all__ = ["OBJECTIVES", "Built", "Objective", "ObjectiveSpec", "TaskData", "get_objective", "get_spec", "register"]

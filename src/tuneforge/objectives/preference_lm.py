@@ -143,7 +143,8 @@ class PreferenceLMObjective:
             raise DataError(f"no example keeps a response token within data.max_length={size}; raise it",
                             records.source)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        data = PairBatches({k: v for k, v in cols.items() if k != "keep"}, self.sides, pad,
+        sides = ("chosen", "rejected") if records.paired else ("chosen",)
+        data = PairBatches({k: v for k, v in cols.items() if k != "keep"}, sides, pad,
                            extra=self._extra(records, cols["keep"]), group_by_length=self.run.train.group_by_length)
         self._encoded[id(records)] = (records, data)
         return data
@@ -235,7 +236,7 @@ class PreferenceLMObjective:
         raise NotImplementedError
 
     def baseline_metrics(self, train: Any, records: Any) -> dict[str, float]:
-        """None: the implicit reward accuracy of the untrained policy is 0.5 by construction."""
+        """None: preference optimisation has no model-free reference number here."""
         return {}
 
     def save_artifacts(self, out_dir: Path, data: TaskData) -> None:

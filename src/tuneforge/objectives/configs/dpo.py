@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 from tuneforge.config.schema import TaskConfig
 from tuneforge.objectives.configs.checks import refuse_head_only
 
-__all__ = ["DpoConfig", "PreferenceLMConfig", "SimpoConfig"]
+__all__ = ["DpoConfig", "KtoConfig", "PreferenceLMConfig", "SimpoConfig"]
 
 
 class PreferenceLMConfig(TaskConfig):
@@ -53,3 +53,12 @@ class SimpoConfig(PreferenceLMConfig):
     beta: float = Field(2.0, gt=0.0, description="scale of the per-token average log-prob reward (paper: 2.0-2.5)")
     gamma: float = Field(0.5, ge=0.0, description="target reward margin (the paper's gamma; TRL's simpo_gamma)")
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="assumed share of flipped labels")
+
+
+class KtoConfig(PreferenceLMConfig):
+    """KTO (Ethayarajh et al. 2024) on unpaired completions labelled desirable or not."""
+
+    name: Literal["kto"] = "kto"
+    beta: float = Field(0.1, gt=0.0, description="strength of the KL regularisation to the reference")
+    desirable_weight: float = Field(1.0, gt=0.0, description="loss weight of desirable examples (lambda_D)")
+    undesirable_weight: float = Field(1.0, gt=0.0, description="loss weight of undesirable examples (lambda_U)")
