@@ -50,11 +50,17 @@ def _wired(pairs, *extra: str):
     return run, objective, data, runtime, wire(run, objective, data, resolve_model(run.model.name), runtime, 2)
 
 
-@pytest.mark.parametrize(("loss", "expected"), [("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", 25.0)])
-def test_untrained_lora_policy_gives_the_oracle_loss_and_chance_accuracy(pairs, loss: str, expected: float) -> None:
-    run, objective, data, runtime, wired = _wired(pairs, "method=lora", f"task.loss={loss}")
+@pytest.mark.parametrize(("loss", "expected", "precision"), [
+    ("sigmoid", math.log(2), "fp32"), ("hinge", 1.0, "fp32"), ("ipo", 25.0, "fp32"),
+    ("sigmoid", math.log(2), "bf16"),  # reference log-probs are precomputed under the autocast training uses
+])
+def test_untrained_lora_policy_gives_the_oracle_loss_and_chance_accuracy(pairs, loss: str, expected: float,
+                                                                         precision: str) -> None:
+    run, objective, data, runtime, wired = _wired(pairs, "method=lora", f"task.loss={loss}",
+                                                  f"train.precision={precision}")
     val = objective.prepare(data.splits["validation"], wired.built.tokenizer, run)
-    m = objective.evaluate(wired.model, val, batch_size=8, runtime=runtime)
+    # the batches reference log-probs were computed in (bf16 results depend on the padded batch shape)
+    m = objective.evaluate(wired.model, val, batch_size=objective._eval_batch_size(), runtime=runtime)
     assert m["loss"] == pytest.approx(expected, rel=1e-5)
     assert m["reward_accuracy"] == 0.5 and m["reward_margin"] == pytest.approx(0.0, abs=1e-6)
     assert m["chosen_logps"] < 0 and m["examples"] == 16

@@ -159,18 +159,23 @@ class PreferenceLMObjective:
         trained, made right after the method was applied) for batches without precomputed ones."""
         self.reference = reference
 
-    @torch.no_grad()
-    def precompute_reference(self, model: nn.Module, data: PairBatches, *, batch_size: int) -> None:
-        """Store ``model``'s summed response log-probs per example and side in ``data.extra["ref_logps"]``."""
+    def precompute_reference(self, model: nn.Module, data: PairBatches, *, batch_size: int,
+                             runtime: Runtime | None = None) -> None:
+        """Store ``model``'s summed response log-probs per example and side in ``data.extra["ref_logps"]``,
+        computed on ``runtime``'s device under its autocast (the precision training runs at, so an untrained
+        policy's log-probs equal them), default: the run's runtime."""
+        from tuneforge.engine.runtime import Runtime
+
+        runtime = runtime or Runtime.for_run(self.run.train)
         was_training = model.training
         model.eval()
         n_sides = len(data.sides)
         out = torch.empty(len(data), n_sides)
         try:
-            for indices in data.plan(0, batch_size, seed=0, shuffle=False):
-                batch = {k: v.to(next(model.parameters()).device) for k, v in data.collate(indices).items()}
-                _, logps, _ = response_logps(model, batch)
-                out[torch.as_tensor(indices)] = logps.float().cpu().view(n_sides, -1).T
+            with runtime.inference():
+                for indices in data.plan(0, batch_size, seed=0, shuffle=False):
+                    _, logps, _ = response_logps(model, runtime.to_device(data.collate(indices)))
+                    out[torch.as_tensor(indices)] = logps.float().cpu().view(n_sides, -1).T
         finally:
             model.train(was_training)
         data.extra["ref_logps"] = out
@@ -181,12 +186,16 @@ class PreferenceLMObjective:
     # ----------------------------------------------------------------- model
     def build(self, run: RunConfig, model_path: Path, data: TaskData) -> Built:
         """The causal LM; with ``needs_reference``, its log-probs on every split now, before any method."""
+        from tuneforge.engine.runtime import Runtime
+
         built = load_causal_lm(run, model_path, packed=False)
         self._use_template(built.tokenizer)
         if self.needs_reference:
+            runtime = Runtime.for_run(run.train)
+            built.model = runtime.move(built.model)  # where it trains (the pipeline's move is then a no-op)
             for records in data.splits.values():
                 self.precompute_reference(built.model, self.encode(records, built.tokenizer),
-                                          batch_size=self._eval_batch_size())
+                                          batch_size=self._eval_batch_size(), runtime=runtime)
             self.notes.append("reference log-probs: precomputed with the base model before training")
         return built
 
@@ -263,5 +272,8 @@ class PreferenceLMObjective:
         built = saved_causal_lm(model_dir)
         self._use_template(built.tokenizer)
         if self.needs_reference and self.reference_model is None:
-            self.reference_model = load_causal_lm(self.run, resolve_model(self.run.model.name), packed=False).model.eval()
+            from tuneforge.engine.runtime import Runtime
+
+            base = load_causal_lm(self.run, resolve_model(self.run.model.name), packed=False).model
+            self.reference_model = Runtime.for_run(self.run.train).move(base).eval()
         return built
