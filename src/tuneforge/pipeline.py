@@ -94,6 +94,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
 
     wired = wire(run, objective, data, model_path, runtime, n_layers, on_built=on_built)
     model = ctx.model = wired.model
+    ctx.head_names = set(wired.ctx.head_names)
     ctx.say(f"model {describe(run)}: {wired.total:,} parameters, {wired.trainable:,} trainable "
             f"({100 * wired.trainable / wired.total:.2f}%) with method '{run.method.name}'")
     splits = {name: objective.prepare(data.splits[name], wired.built.tokenizer, run) for name in ("train", "validation")}
@@ -110,6 +111,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
         eval_data=splits["validation"], cfg=run.train, run_dir=run_dir, runtime=runtime, metric=metric,
         groups=param_groups(model, run.train, run.lr, n_layers, wired.ctx.head_names, wired.lr_scales),
         greater_is_better=greater, quiet=quiet, extensions=extensions))
+    for ext in extensions:  # the starting weights, also on --resume (the checkpoint loads next)
+        ext.on_train_start(ctx)
     resumed = loop.resume() if resume else False
     atomic_write_text(run_dir / "config.yaml", to_yaml(run))  # after resume's checks: a refused resume keeps it
     if resumed:
@@ -119,8 +122,6 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     with MetricsLogger(run_dir, tensorboard=run.train.tensorboard,
                        resume_step=loop.state.step if resumed else None) as logger:
         loop.logger = logger
-        for ext in extensions:
-            ext.on_train_start(ctx)
         result = loop.fit()
 
     if run.train.load_best_at_end and result.best_checkpoint is not None:

@@ -1,6 +1,8 @@
-"""SIGKILL and resume for the task-head objectives: NER (token classification), extractive QA and a multi-task
-run killed mid-epoch. The resumed run must end with the same weights (1e-6) as the same run done in one go,
-which needs each objective's batches (windows, one-task-per-batch plans) rebuilt identically on resume.
+"""SIGKILL and resume for the task-head objectives: NER (token classification), extractive QA, a multi-task run
+killed mid-epoch, and a classification run with every cure for forgetting (L2-SP, EWC, distillation). The
+resumed run must end with the same weights (1e-6) as the same run done in one go, which needs each
+objective's batches (windows, one-task-per-batch plans) rebuilt identically and the cures' anchors, cached
+Fisher and teacher taken from the starting weights, not from the resumed ones.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ def _case_args(case: str) -> list[str]:
     if case == "qa":
         return ["task=extractive_qa", "data.train=qa-train.jsonl", "data.validation=qa-val.jsonl", "task.max_length=64", "task.max_question_length=16",
                 "task.doc_stride=24"]
+    if case == "retain":  # every cure for forgetting at once: anchors, Fisher and teacher survive the kill
+        return ["data.train=cls.csv", "data.validation=cls-val.csv", "retain.l2sp.alpha=0.5", "retain.l2sp.beta=0.01",
+                "retain.ewc.fisher_data=cls-val.csv", "retain.ewc.fisher_samples=8", "retain.ewc.lambda=50",
+                "retain.distill.weight=0.5"]
     return ["task=multitask", "task.sampling=temperature", "task.temperature=3",
             "task.tasks.cls.task=classification", "task.tasks.cls.data.train=cls.csv",
             "task.tasks.cls.data.validation=cls-val.csv",
@@ -88,7 +94,7 @@ def _kill_after_checkpoint(case: str, run: Path, cwd: Path) -> int:
     return complete_checkpoints(run)[-1]
 
 
-@pytest.mark.parametrize("case", ["ner", "qa", "multitask"])
+@pytest.mark.parametrize("case", ["ner", "qa", "multitask", "retain"])
 def test_killed_run_resumes_to_the_same_weights(case: str, workdir: Path) -> None:
     resumed, reference = workdir / f"resumed-{case}", workdir / f"reference-{case}"
     step = _kill_after_checkpoint(case, resumed, workdir)

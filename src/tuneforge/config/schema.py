@@ -82,6 +82,8 @@ class ExtensionConfig(StrictModel):
     """Options of a run extension (``extensions: [{name: NAME, ...}]``); subclasses add their fields."""
 
     name: str
+    #: a cure for forgetting, also listed as ``retain: {NAME: {...}}`` (``retain.l2sp.alpha=0.01``)
+    retain: ClassVar[bool] = False
 
     def check_run(self, run: Any) -> None:
         """Cross-field checks against the whole run (raise `ValueError` naming the keys)."""
@@ -258,6 +260,9 @@ class RunConfig(StrictModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     extensions: list[SerializeAsAny[ExtensionConfig]] = Field(
         default_factory=list, description="run extensions with their options, e.g. [{name: samples, count: 3}]")
+    retain: dict[str, SerializeAsAny[ExtensionConfig]] = Field(
+        default_factory=dict, description="cures for forgetting, combinable: {l2sp: {alpha, beta}, ewc: {lambda_, "
+        "fisher_data}, distill: {teacher, temperature, weight}} (extensions listed by name)")
     output_dir: Path | None = Field(None, description="run directory (default runs/<task>-<time>)")
 
     @field_validator("model", mode="before")
@@ -289,9 +294,33 @@ class RunConfig(StrictModel):
             raise ValueError(f"extension {', '.join(twice)} is listed more than once")
         return blocks
 
+    @field_validator("retain", mode="before")
+    @classmethod
+    def _retain_blocks(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError("retain is a mapping of cure -> options, e.g. {l2sp: {alpha: 0.01}}")
+        from pydantic import ValidationError
+
+        out = {}
+        for name, options in v.items():
+            try:
+                block = _named_block({**(options or {}), "name": name} if not isinstance(options, StrictModel)
+                                     else options, _EXTENSION_CONFIGS, "extension")
+            except ValidationError as e:  # name the nested key: retain.ewc.fisher_data
+                first = e.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise ValueError(f"retain.{name}.{where} {first['msg']}") from None
+            if not type(block).retain:
+                allowed = ", ".join(sorted(n for n, c in _EXTENSION_CONFIGS.items() if c.retain))
+                raise ValueError(f"'{name}' is not a cure for forgetting; retain takes: {allowed}")
+            out[name] = block
+        return out
+
     def extension(self, name: str) -> ExtensionConfig | None:
-        """The options block of extension ``name`` when the recipe lists it."""
-        return next((b for b in self.extensions if b.name == name), None)
+        """The options block of extension ``name`` when the recipe lists it (under ``extensions`` or ``retain``)."""
+        return next((b for b in [*self.extensions, *self.retain.values()] if b.name == name), None)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -306,9 +335,12 @@ class RunConfig(StrictModel):
             allowed = ", ".join(sorted(n for n, c in _METHOD_CONFIGS.items() if c.from_scratch))
             raise ValueError(f"method.name '{self.method.name}' adapts pretrained weights; a model.init=scratch model "
                              f"trains whole (allowed: {allowed})")
+        twice = sorted({b.name for b in self.extensions} & set(self.retain))
+        if twice:
+            raise ValueError(f"retain.{twice[0]} is also listed under extensions; list it once")
         self.method.check_run(self)
         self.task.check_run(self)
-        for block in self.extensions:
+        for block in [*self.extensions, *self.retain.values()]:
             block.check_run(self)
         return self
 

@@ -4,7 +4,9 @@ An extension sees a run through hooks that the pipeline and the loop call for ev
 extension, in order, knowing none by name:
 
 * ``on_build(ctx)``: the model is built, before the method wraps it (the base model);
-* ``on_train_start(ctx)``: the method is applied and the run directory exists, before the first step;
+* ``on_train_start(ctx)``: the method is applied and the run directory exists; the weights are the starting
+  ones, also on ``--resume`` (the checkpoint loads right after), so a snapshot taken here is the pretrained
+  model's (L2-SP's anchor, EWC's Fisher, a distillation reference);
 * ``extra_loss(model, batch, outputs)``: a term added to the objective's loss of every micro-batch (from
   the objective's outputs, e.g. logits for distillation, or the parameters, e.g. L2-SP); None adds nothing;
 * ``on_eval(step, metrics)``: after each evaluation;
@@ -21,7 +23,7 @@ raises a `ConfigError` before the run directory exists.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +51,7 @@ class RunContext:
     quiet: bool = False
     built: Built | None = None  # after build: model (unwrapped base) and tokenizer
     model: nn.Module | None = None  # after the method is applied
+    head_names: set[str] = field(default_factory=set)  # after the method: the parameters it trains as the head
     run_dir: Path | None = None  # once created
 
     def say(self, msg: str) -> None:
@@ -65,7 +68,8 @@ class Extension:
         """The model is built; the method has not wrapped it yet."""
 
     def on_train_start(self, ctx: RunContext) -> None:
-        """The method is applied and the run directory exists; no step has run."""
+        """The method is applied and the run directory exists; the weights are the starting ones (a resumed
+        run loads its checkpoint after this hook); no step has run."""
 
     def extra_loss(self, model: nn.Module, batch: dict[str, torch.Tensor], outputs: Any) -> torch.Tensor | None:
         """A term added to the loss of this micro-batch (None: nothing)."""
