@@ -101,6 +101,9 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     module = model
     if wired.method.training_view is not None:
         module, splits = wired.method.training_view(model, run, objective, splits, runtime=runtime, quiet=quiet)
+        ctx.training_view = module is not model
+    for ext in extensions:
+        splits["train"] = ext.train_data(splits["train"], ctx)
 
     metric = run.train.metric or objective.default_metric
     greater = objective.greater_is_better if metric == objective.default_metric else not metric.endswith("loss")

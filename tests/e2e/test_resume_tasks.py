@@ -1,5 +1,5 @@
 """SIGKILL and resume for the task-head objectives: NER (token classification), extractive QA, a multi-task run
-killed mid-epoch, and a classification run with every cure for forgetting (L2-SP, EWC, distillation). The
+killed mid-epoch, and a classification run with every cure for forgetting (L2-SP, EWC, distillation, replay). The
 resumed run must end with the same weights (1e-6) as the same run done in one go, which needs each
 objective's batches (windows, one-task-per-batch plans) rebuilt identically and the cures' anchors, cached
 Fisher and teacher taken from the starting weights, not from the resumed ones.
@@ -40,7 +40,7 @@ def _case_args(case: str) -> list[str]:
     if case == "retain":  # every cure for forgetting at once: anchors, Fisher and teacher survive the kill
         return ["data.train=cls.csv", "data.validation=cls-val.csv", "retain.l2sp.alpha=0.5", "retain.l2sp.beta=0.01",
                 "retain.ewc.fisher_data=cls-val.csv", "retain.ewc.fisher_samples=8", "retain.ewc.lambda=50",
-                "retain.distill.weight=0.5"]
+                "retain.distill.weight=0.5", "retain.replay.data=cls-val.csv", "retain.replay.ratio=0.25"]
     return ["task=multitask", "task.sampling=temperature", "task.temperature=3",
             "task.tasks.cls.task=classification", "task.tasks.cls.data.train=cls.csv",
             "task.tasks.cls.data.validation=cls-val.csv",

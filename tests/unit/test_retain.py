@@ -222,3 +222,38 @@ def test_teacher_with_another_label_set_is_refused_before_the_run_dir(files: dic
         train(load_config(None, base_args(files, tmp_path / "student", f"retain.distill.teacher={teacher}")), quiet=True)
     assert info.value.key == "retain.distill.teacher"
     assert not (tmp_path / "student").exists()
+
+
+# ------------------------------------------------------------------------------------------- replay
+def test_replay_plan_holds_the_ratio_uses_every_domain_batch_and_is_pure() -> None:
+    import numpy as np
+
+    from tuneforge.data.batching import TokenBatches, num_batches
+    from tuneforge.data.replay import ReplayBatches
+
+    def part(n: int) -> TokenBatches:
+        return TokenBatches({"input_ids": [[1] * (2 + i % 9) for i in range(n)], "labels": [0] * n}, 0)
+
+    data = ReplayBatches(part(200), part(30), 0.25)
+    plan = data.plan(1, 8, seed=3, shuffle=True)
+    general = [b for b in plan if b[0] >= data.offset]
+    assert len(plan) == num_batches(data, 8) == 25 + 8
+    assert len(general) / len(plan) == pytest.approx(0.25, abs=0.01)
+    assert sorted(i for b in plan if b[0] < data.offset for i in b) == list(range(200))
+    assert all(all(i >= data.offset for i in b) for b in general)
+    assert plan == ReplayBatches(part(200), part(30), 0.25).plan(1, 8, seed=3, shuffle=True)
+    positions = [k for k, b in enumerate(plan) if b[0] >= data.offset]
+    assert np.ptp(positions) > len(plan) // 2  # spread over the epoch, not bunched at one end
+    batch = data.collate(general[0])
+    assert batch["input_ids"].shape[0] == len(general[0])
+
+
+def test_replay_data_in_the_wrong_layout_names_the_file(files: dict[str, Path], tmp_path: Path) -> None:
+    bad = tmp_path / "general.csv"
+    bad.write_text("sentence,score\nhello,1\n", encoding="utf-8")
+    from tuneforge.errors import DataError
+
+    with pytest.raises(DataError, match=r"general.csv: text column 'text' not found") as info:
+        train(load_config(None, base_args(files, tmp_path / "run", f"retain.replay.data={bad}")), quiet=True)
+    assert info.value.exit_code == 2
+    assert not (tmp_path / "run").exists()

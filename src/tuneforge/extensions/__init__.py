@@ -10,12 +10,20 @@ from tuneforge.extensions.base import (
     create_extensions,
     register,
 )
-from tuneforge.extensions.configs import DistillConfig, EWCConfig, ForgettingConfig, L2SPConfig, SamplesConfig
+from tuneforge.extensions.configs import (
+    DistillConfig,
+    EWCConfig,
+    ForgettingConfig,
+    L2SPConfig,
+    ReplayConfig,
+    SamplesConfig,
+)
 
 register(ExtensionSpec("forgetting", ForgettingConfig, "tuneforge.extensions.forgetting", auto=True))
 register(ExtensionSpec("samples", SamplesConfig, "tuneforge.extensions.samples", auto=True))
 register(ExtensionSpec("l2sp", L2SPConfig, "tuneforge.extensions.l2sp"))
 register(ExtensionSpec("ewc", EWCConfig, "tuneforge.extensions.ewc"))
 register(ExtensionSpec("distill", DistillConfig, "tuneforge.extensions.distill"))
+register(ExtensionSpec("replay", ReplayConfig, "tuneforge.extensions.replay"))
 
 __all__ = ["EXTENSIONS", "Extension", "ExtensionSpec", "RunContext", "create_extensions", "register"]

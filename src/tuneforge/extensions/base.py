@@ -4,6 +4,8 @@ An extension sees a run through hooks that the pipeline and the loop call for ev
 extension, in order, knowing none by name:
 
 * ``on_build(ctx)``: the model is built, before the method wraps it (the base model);
+* ``train_data(data, ctx) -> data``: the prepared training batches, which the extension may wrap (replay
+  interleaves general batches); called before the run directory exists;
 * ``on_train_start(ctx)``: the method is applied and the run directory exists; the weights are the starting
   ones, also on ``--resume`` (the checkpoint loads right after), so a snapshot taken here is the pretrained
   model's (L2-SP's anchor, EWC's Fisher, a distillation reference);
@@ -53,6 +55,7 @@ class RunContext:
     model: nn.Module | None = None  # after the method is applied
     head_names: set[str] = field(default_factory=set)  # after the method: the parameters it trains as the head
     run_dir: Path | None = None  # once created
+    training_view: bool = False  # the method trains on a view of the data (frozen: cached features)
 
     def say(self, msg: str) -> None:
         if not self.quiet and self.runtime.is_main:
@@ -66,6 +69,10 @@ class Extension:
 
     def on_build(self, ctx: RunContext) -> None:
         """The model is built; the method has not wrapped it yet."""
+
+    def train_data(self, data: Any, ctx: RunContext) -> Any:
+        """The training batches the loop will plan (default: ``data`` as it is)."""
+        return data
 
     def on_train_start(self, ctx: RunContext) -> None:
         """The method is applied and the run directory exists; the weights are the starting ones (a resumed

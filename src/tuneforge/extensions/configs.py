@@ -9,7 +9,7 @@ from pydantic import ConfigDict, Field
 
 from tuneforge.config.schema import ExtensionConfig
 
-__all__ = ["DistillConfig", "EWCConfig", "ForgettingConfig", "L2SPConfig", "SamplesConfig"]
+__all__ = ["DistillConfig", "EWCConfig", "ForgettingConfig", "L2SPConfig", "ReplayConfig", "SamplesConfig"]
 
 
 class ForgettingConfig(ExtensionConfig):
@@ -61,3 +61,12 @@ class DistillConfig(ExtensionConfig):
                                  "itself, through the method's reference (adapters off; a frozen copy for full)")
     temperature: float = Field(2.0, gt=0, description="softening temperature T")
     weight: float = Field(0.5, ge=0, description="factor of the distillation term")
+
+
+class ReplayConfig(ExtensionConfig):
+    """Replay: ``ratio`` of the training batches drawn from general data (see `tuneforge.data.replay`)."""
+
+    name: Literal["replay"] = "replay"
+    retain: ClassVar[bool] = True
+    data: Path = Field(description="general data in the training data's layout (retain.replay.data=FILE)")
+    ratio: float = Field(0.25, gt=0, lt=1, description="share of the training batches drawn from it")
