@@ -124,6 +124,12 @@ def test_cli_train_eval_json_and_bad_inputs(pairs, tmp_path: Path) -> None:
     metrics = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {"loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward", "chosen_logps",
             "rejected_logps"} <= set(metrics)
+    # a DPO run is a chat model like an SFT run: generate (chat mode by default) and merge work on it
+    gen = json.loads(cli("generate", "run", "what do you think of the car?", "max_new_tokens=3",
+                         cwd=tmp_path).stdout.strip().splitlines()[-1])
+    assert gen["prompt"] == "what do you think of the car?" and isinstance(gen["generation"], str)
+    assert "merged 'lora'" in cli("merge", "run", "merged", cwd=tmp_path).stdout
+    assert (tmp_path / "merged" / "model" / "config.json").is_file()
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
                                                {"prompt": "p", "chosen": "a", "rejected": "b"},
                                                {"prompt": "p", "chosen": "a"}])

@@ -45,8 +45,8 @@ register(ObjectiveSpec("multitask", MultiTaskConfig, "tuneforge.objectives.multi
                        model_class="tuneforge.models.multitask:MultiTaskModel", predicts=True))
 register(ObjectiveSpec("reward", RewardConfig, "tuneforge.objectives.reward",
                        model_class="AutoModelForSequenceClassification", predicts=True))
-register(ObjectiveSpec("dpo", DpoConfig, "tuneforge.objectives.dpo", **_LM))
-register(ObjectiveSpec("simpo", SimpoConfig, "tuneforge.objectives.simpo", **_LM))
-register(ObjectiveSpec("kto", KtoConfig, "tuneforge.objectives.kto", **_LM))
+register(ObjectiveSpec("dpo", DpoConfig, "tuneforge.objectives.dpo", chat=True, **_LM))
+register(ObjectiveSpec("simpo", SimpoConfig, "tuneforge.objectives.simpo", chat=True, **_LM))
+register(ObjectiveSpec("kto", KtoConfig, "tuneforge.objectives.kto", chat=True, **_LM))
 
 __all__ = ["OBJECTIVES", "Built", "Objective", "ObjectiveSpec", "TaskData", "get_objective", "get_spec", "register"]
