@@ -148,6 +148,7 @@ COMMAND_MODULES: list[str] = [
     "tuneforge.commands.generate",
     "tuneforge.commands.tokenizer",
     "tuneforge.commands.compare",
+    "tuneforge.commands.forgetting",
     "tuneforge.commands.serve",
 ]
 
