@@ -117,6 +117,14 @@ def test_stream_concatenates_to_the_plain_reply_and_ends_with_done(client: Any, 
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
 
+    stop = plain[4:6]  # a stop string inside the reply: both cut there, the stream never shows past it
+    assert len(plain) > 6 and stop.strip()
+    cut = _chat(client, "a", "say dog", stop=[stop]).choices[0]
+    assert cut.message.content == plain[:plain.find(stop)] and cut.finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in _chat(client, "a", "say dog", stop=stop, stream=True)
+                       if c.choices)
+    assert streamed == cut.message.content
+
     raw = httpx.post(server[0] + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
                      json={"model": "b", "prompt": "the cat", "max_tokens": 4, "stream": True})
     assert raw.status_code == 200 and raw.headers["content-type"].startswith("text/event-stream")

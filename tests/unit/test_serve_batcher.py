@@ -101,3 +101,25 @@ def test_cancelled_waiters_are_skipped_and_stop_fails_pending() -> None:
     b2.stop()
     with pytest.raises(RuntimeError, match="shutting down"):
         left.result(1)
+
+
+def test_a_request_not_served_in_time_is_503() -> None:
+    import asyncio
+
+    state = ServerState(ModelPool(), ServeSettings(request_timeout_s=0.2, batch_window_ms=0))
+    gate = threading.Event()
+
+    def blocked(jobs: list[Job]) -> None:
+        gate.wait(5)
+        for j in jobs:
+            j.resolve("late")
+
+    state.batcher.start()
+    try:
+        state.submit(Job(None, blocked))
+        with pytest.raises(APIError) as e:
+            asyncio.run(state.on_worker(lambda: "never"))
+        assert e.value.status == 503 and e.value.code == "timeout"
+    finally:
+        gate.set()
+        state.batcher.stop()

@@ -48,9 +48,30 @@ def _response(err: APIError) -> JSONResponse:
                         headers=headers)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_tag(part: Any) -> bool:
+    """Whether a pydantic error location part names a union member (``list[str]``, ``constrained-str``,
+    ``QAPair``) rather than a field: our fields are lower-case identifiers."""
+    return isinstance(part, str) and ("[" in part or "-" in part or part[:1].isupper() or part in _TYPE_TAGS)
+
+
 def _loc(loc: tuple[Any, ...]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path")]
+    parts = [str(p) for p in loc if p not in ("body", "query", "path") and not _is_tag(p)]
     return ".".join(parts) or None
+
+
+def _pick(errors: list[Any]) -> dict[str, Any]:
+    """The error to report. For a union field (``stop``: a text or a list of texts) pydantic reports one
+    error per member; the members whose only complaint is the value's type are the ones the client did not
+    mean, so the deepest other error is reported ("stop.1: ... at least 1 character", not "should be a
+    valid string")."""
+    if not errors:
+        return {"msg": "invalid request", "loc": ()}
+    tagged = [e for e in errors if any(_is_tag(p) for p in e.get("loc", ()))]
+    meant = [e for e in tagged if not str(e.get("type", "")).endswith(("_type", "_attributes_type"))]
+    return max(meant, key=lambda e: len(e.get("loc", ()))) if len(tagged) > 1 and meant else errors[0]
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -62,8 +83,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errs = exc.errors()
-        first = errs[0] if errs else {"msg": "invalid request", "loc": ()}
+        errs = list(exc.errors())
+        same_field = [e for e in errs if errs and tuple(e.get("loc", ()))[:2] == tuple(errs[0].get("loc", ()))[:2]]
+        first = _pick(same_field)
         param = _loc(tuple(first.get("loc", ())))
         msg = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
         if first.get("type") == "json_invalid":

@@ -7,7 +7,7 @@ refused by name too: what is accepted is what works.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -17,6 +17,10 @@ __all__ = [
     "EmbeddingResponse", "LoadAdapterRequest", "ModelCard", "ModelList", "TagItem", "TagRequest", "TagResponse",
     "Usage",
 ]
+
+
+Text = Annotated[str, Field(min_length=1)]
+StopText = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class _Request(BaseModel):
@@ -50,7 +54,8 @@ class _Sampling(_Request):
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate at most (capped by the server)")
     temperature: float | None = Field(None, ge=0, le=2, description="0 or absent: greedy; > 0: sampling")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus mass when sampling")
-    stop: str | list[str] | None = Field(None, description="up to 4 strings that end generation (cut)")
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = Field(
+        None, description="up to 4 strings that end generation (cut from the text)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="seed for sampling")
     n: int = Field(1, ge=1, description="choices to return (capped by the server)")
     stream: bool = Field(False, description="server-sent events ending 'data: [DONE]'")
@@ -78,7 +83,8 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``: raw text continued (no chat template)."""
 
-    prompt: str | list[str] = Field(description="text, or a list of texts (one choice set each)")
+    prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=64)] = Field(
+        description="text, or a list of texts (one choice set each)")
 
     @field_validator("prompt")
     @classmethod
@@ -134,7 +140,7 @@ class Completion(BaseModel):
 
 class _Inputs(_Request):
     model: str = Field(min_length=1, max_length=512)
-    input: str | list[str] = Field(description="a text or a list of texts")
+    input: Text | Annotated[list[Text], Field(min_length=1)] = Field(description="a text or a list of texts")
 
     @field_validator("input")
     @classmethod
@@ -268,8 +274,3 @@ class LoadAdapterRequest(_Request):
 
     name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
     path: str = Field(min_length=1, max_length=4096)
-
-
-def extra_fields(model: BaseModel) -> dict[str, Any]:
-    """The fields a request set explicitly (for logging)."""
-    return model.model_dump(exclude_unset=True)

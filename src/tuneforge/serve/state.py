@@ -79,8 +79,11 @@ class ServerState:
                            param="max_tokens", code="max_tokens_exceeded")
         if n > s.max_n:
             raise APIError(400, f"n is {n}; this server allows at most {s.max_n}", param="n", code="n_exceeded")
-        sample = temperature is not None and temperature > 0
-        return GenerationOptions(max_new_tokens=want, do_sample=sample, temperature=temperature if sample else None,
+        # As vLLM: below 1e-5 is greedy, and a positive temperature is at least 0.01 (logits / 1e-30 overflow
+        # to inf and the sampler's probabilities become NaN).
+        sample = temperature is not None and temperature >= 1e-5
+        temperature = max(temperature, 0.01) if sample and temperature is not None else None
+        return GenerationOptions(max_new_tokens=want, do_sample=sample, temperature=temperature,
                                  top_p=top_p if sample else None, stop=stop or [], seed=seed, chat=None)
 
     # -- generation -----------------------------------------------------------------------------------
