@@ -13,22 +13,28 @@ schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, settings  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from tuneforge.serve import ServeSettings, build_pool, create_app  # noqa: E402
+from tuneforge.serve import ModelPool, ServeSettings, create_app  # noqa: E402
 
 KEY = "fuzz-key"
 SETTINGS = ServeSettings(api_key=KEY, max_tokens_cap=4, default_max_tokens=4, max_prompt_tokens=64, max_n=2,
                          max_inputs=4, max_body_bytes=50_000, batch_window_ms=0)
 
 
-def _app() -> Any:
-    pool = build_pool(["tiny-llama", "tiny-bert"], [], SETTINGS)
-    # a minimal chat template, so fuzzed chat bodies reach generation instead of stopping at "no template"
-    pool.get("tiny-llama").tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-    return create_app(pool, SETTINGS)
-
-
-APP = _app() if schemathesis is not None else None
+# The app is made at import with an empty pool (cheap: schemathesis needs it to build the tests); the
+# models are loaded into that pool by the module fixture, when a test of this module first runs.
+POOL = ModelPool(max_loaded=SETTINGS.max_loaded, device="cpu")
+APP = create_app(POOL, SETTINGS)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _models() -> None:
+    if not POOL.names():
+        POOL.add_model("tiny-llama")
+        POOL.add_model("tiny-bert")
+        # a minimal chat template, so fuzzed chat bodies reach generation instead of stopping at "no template"
+        POOL.get("tiny-llama").tokenizer.chat_template = (
+            "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
 
 
 def _check(status: int, body: Any) -> None:
@@ -38,7 +44,7 @@ def _check(status: int, body: Any) -> None:
 
 
 @schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
 def test_schema_fuzz_never_5xx(case: Any) -> None:
     if isinstance(case.body, dict) and isinstance(case.body.get("model"), str) and len(case.body) % 2:
         # about half the bodies name a served model, so generation and embedding run on fuzzed fields
