@@ -76,6 +76,9 @@ def test_models_list_names_base_adapters_and_merged_run(client: Any) -> None:
     assert cards["a"].parent == "tiny-llama" and cards["b"].parent == "tiny-llama"
     assert cards["tiny-llama"].parent is None and cards["a-merged"].parent is None
     assert cards["a"].root == "tiny-llama" and cards["a"].object == "model"
+    assert client.models.retrieve("a").parent == "tiny-llama"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
 
 
 def test_each_adapter_replies_as_generate_on_its_run_and_as_the_merged_model(client: Any, runs: dict[str, Path]) -> None:

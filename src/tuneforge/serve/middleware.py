@@ -60,10 +60,7 @@ class GuardMiddleware:
                 return
             await self.app(scope, _replay(body, receive), send_wrapper)
         finally:
-            route = path if path.startswith(("/v1/", "/health", "/metrics")) else "other"
-            if route.startswith("/v1/adapters/"):
-                route = "/v1/adapters/{name}"
-            self.metrics.observe(route, status_box["status"], time.perf_counter() - start)
+            self.metrics.observe(_route_label(path), status_box["status"], time.perf_counter() - start)
 
     def _authorized(self, scope: dict[str, Any]) -> bool:
         assert self.api_key is not None
@@ -89,6 +86,20 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         return b"".join(chunks)
+
+
+_ROUTES = {"/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/classify", "/v1/tag",
+           "/v1/answer", "/v1/adapters", "/health", "/metrics"}
+
+
+def _route_label(path: str) -> str:
+    """A bounded metrics label: the route template, or ``other`` (clients choose paths; labels must not grow)."""
+    if path in _ROUTES:
+        return path
+    for prefix, label in (("/v1/models/", "/v1/models/{id}"), ("/v1/adapters/", "/v1/adapters/{name}")):
+        if path.startswith(prefix):
+            return label
+    return "other"
 
 
 def _replay(body: bytes, receive: Any) -> Any:

@@ -30,6 +30,7 @@ from tuneforge.serve.schemas import (
     CompletionRequest,
     EmbeddingRequest,
     EmbeddingResponse,
+    ModelCard,
     ModelList,
     Usage,
 )
@@ -48,6 +49,12 @@ def _state(request: Request) -> ServerState:
 async def list_models(request: Request) -> ModelList:
     """Every served name: bases (``parent`` null), their adapters (``parent``: the base) and task runs."""
     return ModelList(data=_state(request).pool.cards())
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    """One served name (404 in the OpenAI shape when unknown)."""
+    return _state(request).pool.get(model_id).card()
 
 
 def _usage(prompt: int, completion: int) -> Usage:
