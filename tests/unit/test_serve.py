@@ -236,3 +236,23 @@ def test_concurrent_requests_mixing_adapters_are_batched_and_not_mixed(client: A
     metrics = httpx.get(server[0] + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert 'tuneforge_requests_total{route="/v1/chat/completions",status="200"}' in metrics
     assert "tuneforge_loaded_adapters 2" in metrics
+
+
+def test_a_client_leaving_a_stream_stops_its_generation(client: Any, server: Any) -> None:
+    url = server[0]
+    full = client.completions.create(model="tiny-llama", prompt="the cat", max_tokens=64, temperature=0)
+    assert full.usage.completion_tokens == 64  # runs to the limit when nobody leaves
+
+    def generated() -> float:
+        text = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        return float(text.split("tuneforge_completion_tokens_total ")[1].split()[0])
+
+    before = generated()
+    with httpx.stream("POST", url + "/v1/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                      json={"model": "tiny-llama", "prompt": "the cat", "max_tokens": 64, "stream": True}) as r:
+        for line in r.iter_lines():
+            if '"text": "' in line:
+                break  # the first piece of text: leave
+    # the next request is served after the abandoned one ended; it counted fewer tokens than the limit
+    after = client.completions.create(model="tiny-llama", prompt="the", max_tokens=1, temperature=0)
+    assert generated() - before - after.usage.completion_tokens < 64

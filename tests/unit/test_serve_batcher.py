@@ -123,3 +123,25 @@ def test_a_request_not_served_in_time_is_503() -> None:
     finally:
         gate.set()
         state.batcher.stop()
+
+
+def test_a_cancelled_stream_stops_generating() -> None:
+    """What a client leaving a stream sets (the route's ``finally``) ends generation at the next token."""
+    from tuneforge.generation import GenerationOptions, load_model
+    from tuneforge.serve.engine import stream_row
+
+    loaded = load_model("tiny-llama", device="cpu")
+    cancelled = threading.Event()
+    pieces: list[str] = []
+
+    def push(piece: str) -> None:
+        pieces.append(piece)
+        cancelled.set()  # the client is gone after the first piece
+
+    opts = GenerationOptions(max_new_tokens=60)
+    row = stream_row(loaded.model, loaded.tokenizer, "the cat", opts, chat=False, prompt_tokens=2, push=push,
+                     cancelled=cancelled)
+    assert len(pieces) >= 1 and row.completion_tokens < 10, row
+    full = stream_row(loaded.model, loaded.tokenizer, "the cat", opts, chat=False, prompt_tokens=2,
+                      push=lambda p: None, cancelled=threading.Event())
+    assert full.completion_tokens > row.completion_tokens
