@@ -149,6 +149,7 @@ COMMAND_MODULES: list[str] = [
     "tuneforge.commands.tokenizer",
     "tuneforge.commands.compare",
     "tuneforge.commands.forgetting",
+    "tuneforge.commands.embed",
     "tuneforge.commands.serve",
 ]
 

@@ -170,6 +170,8 @@ class DataConfig(StrictModel):
     header: bool = Field(True, description="csv/tsv: first row holds column names")
     quoting: bool = Field(True, description="csv/tsv: honour quote characters (off = csv.QUOTE_NONE)")
     delimiter: str | None = Field(None, description="csv/tsv field separator override")
+    extra_fields: Literal["error", "drop"] = Field(
+        "error", description="csv/tsv rows with more fields than the header: an error, or drop the extra ones")
     encoding: str = Field("utf-8", description="text encoding of the input files")
     text_column: str | int = Field("text", description="column name or 0-based index")
     text_pair_column: str | int | None = Field(None, description="second text for sentence-pair tasks")

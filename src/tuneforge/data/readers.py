@@ -100,10 +100,12 @@ def read_table(
     quoting: bool = True,
     delimiter: str | None = None,
     encoding: str = "utf-8",
+    extra_fields: str = "error",
 ) -> Table:
     """Read ``path`` into a `Table`.
 
-    ``header``, ``quoting`` and ``delimiter`` apply to csv/tsv only (``quoting=False`` means
+    ``header``, ``quoting``, ``delimiter`` and ``extra_fields`` (``drop``: a row with more fields than the
+    header keeps the first ones; ``error``: it is malformed) apply to csv/tsv only (``quoting=False`` means
     ``csv.QUOTE_NONE``). Raises `DataError` (with file and line) for any unreadable or malformed input.
     """
     path = Path(path)
@@ -116,7 +118,7 @@ def read_table(
         raise DataError("file is empty (only whitespace)", path)
     if name in ("csv", "tsv"):
         sep = delimiter if delimiter is not None else ("," if name == "csv" else "\t")
-        return _read_delimited(path, text, name, sep, header=header, quoting=quoting)
+        return _read_delimited(path, text, name, sep, header=header, quoting=quoting, extra_fields=extra_fields)
     if name == "jsonl":
         return _read_jsonl(path, text)
     if name == "json":
@@ -234,7 +236,8 @@ def _union_columns(rows: Iterable[dict[str, Any]]) -> list[str]:
 # --------------------------------------------------------------------------- csv / tsv
 
 
-def _read_delimited(path: Path, text: str, fmt: str, delimiter: str, *, header: bool, quoting: bool) -> Table:
+def _read_delimited(path: Path, text: str, fmt: str, delimiter: str, *, header: bool, quoting: bool,
+                    extra_fields: str = "error") -> Table:
     if len(delimiter) != 1:
         raise ConfigError(f"delimiter must be one character, got {delimiter!r}", key="data.delimiter")
     records = _csv_records(path, text, fmt, delimiter, quoting)
@@ -248,11 +251,14 @@ def _read_delimited(path: Path, text: str, fmt: str, delimiter: str, *, header: 
     for line, record in records:
         if columns is None:
             columns, header_line = [str(i) for i in range(len(record))], line
+        if len(record) > len(columns) and extra_fields == "drop":
+            record = record[: len(columns)]
         if len(record) != len(columns):
             what = f"the header (line {header_line})" if header else f"the first row (line {header_line})"
             raise DataError(
                 f"row has {len(record)} fields but {what} has {len(columns)}; "
-                f"check the delimiter {delimiter!r}{' and quoting' if quoting else ''}",
+                f"check the delimiter {delimiter!r}{' and quoting' if quoting else ''}"
+                f"{' (or data.extra_fields=drop)' if len(record) > len(columns) else ''}",
                 path,
                 line,
             )

@@ -18,6 +18,7 @@ from tuneforge.objectives.base import (
 )
 from tuneforge.objectives.configs.classification import ClassificationConfig
 from tuneforge.objectives.configs.clm import ClmConfig
+from tuneforge.objectives.configs.contrastive import ContrastiveConfig
 from tuneforge.objectives.configs.dpo import DpoConfig, KtoConfig, SimpoConfig
 from tuneforge.objectives.configs.extractive_qa import ExtractiveQAConfig
 from tuneforge.objectives.configs.mlm import MLMConfig
@@ -41,6 +42,8 @@ register(ObjectiveSpec("token_classification", TokenClassificationConfig, "tunef
                        model_class="AutoModelForTokenClassification", predicts=True, task_head=True))
 register(ObjectiveSpec("extractive_qa", ExtractiveQAConfig, "tuneforge.objectives.extractive_qa",
                        model_class="AutoModelForQuestionAnswering", predicts=True, task_head=True))
+register(ObjectiveSpec("contrastive", ContrastiveConfig, "tuneforge.objectives.contrastive", model_class="AutoModel",
+                       embeds=True))
 register(ObjectiveSpec("multitask", MultiTaskConfig, "tuneforge.objectives.multitask",
                        model_class="tuneforge.models.multitask:MultiTaskModel", predicts=True))
 register(ObjectiveSpec("reward", RewardConfig, "tuneforge.objectives.reward",

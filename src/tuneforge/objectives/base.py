@@ -173,6 +173,7 @@ class ObjectiveSpec:
         task_head: a head over the architecture's base model (``AutoModelFor...`` with ``base_model_prefix``)
             that a multi-task run can put beside other heads on one shared backbone; implements
             `TaskHeadObjective`.
+        embeds: produces sentence vectors (``encode(built, texts, batch_size=, runtime=)``; ``tuneforge embed``).
     """
 
     name: str
@@ -187,6 +188,7 @@ class ObjectiveSpec:
     feature_head: bool = False
     loop: str = "supervised"
     task_head: bool = False
+    embeds: bool = False
 
     def create(self, run: RunConfig) -> Objective:
         """Instantiate the objective for one run (it may keep run state, e.g. class weights)."""

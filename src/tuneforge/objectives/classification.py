@@ -58,7 +58,8 @@ class Examples:
 
 def _read(run: RunConfig, path: Path) -> Table:
     d = run.data
-    return read_table(path, d.format, header=d.header, quoting=d.quoting, delimiter=d.delimiter, encoding=d.encoding)
+    return read_table(path, d.format, header=d.header, quoting=d.quoting, delimiter=d.delimiter, encoding=d.encoding,
+                      extra_fields=d.extra_fields)
 
 
 def _sort_labels(values: list[Any]) -> list[Any]:
