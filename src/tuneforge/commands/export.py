@@ -37,3 +37,34 @@ def register(app: typer.Typer) -> None:
         else:
             typer.echo(f"exported '{res.method}' with a copy of its base model to {res.out_dir} "
                        f"(tuneforge predict/eval {res.out_dir} ...)")
+
+    @app.command("export")
+    def export_cmd(
+        run_dir: Annotated[Path, typer.Argument(help="a run directory written by `tuneforge train`")],
+        out_dir: Annotated[Path, typer.Argument(help="where the exported model goes")],
+        format: Annotated[str, typer.Option("--format", help="onnx (verified against PyTorch) or hf (= merge)")] = "onnx",
+        int8: Annotated[bool, typer.Option("--int8", help="onnx: also a dynamically int8-quantised model")] = False,
+        data: Annotated[Path | None, typer.Option("--data", help="score PyTorch / ONNX / int8 on this labelled file")] = None,
+        overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty OUT_DIR")] = False,
+    ) -> None:
+        """Export a run: ONNX (opset 18, dynamic batch and sequence, checked with onnxruntime) or a merged HF folder."""
+        import json
+
+        from tuneforge.errors import ConfigError
+
+        if format == "hf":
+            from tuneforge.export import merge_run
+
+            res = merge_run(run_dir, out_dir, overwrite=overwrite)
+            typer.echo(f"{res.kind} '{res.method}' into {res.out_dir / 'model'}")
+            return
+        if format != "onnx":
+            raise ConfigError(f"unknown export format '{format}'; allowed: onnx, hf", key="--format")
+        from tuneforge.export.onnx import export_onnx
+
+        info = export_onnx(run_dir, out_dir, int8=int8, data=data, overwrite=overwrite)
+        typer.echo(f"wrote {out_dir / 'model.onnx'} (opset {info['opset']}; onnxruntime vs PyTorch max |diff| "
+                   f"{info['max_abs_diff']:.2e} <= {info['tolerance']:g})")
+        typer.echo(json.dumps({k: info[k] for k in ("size_bytes", "latency_ms", *(["metrics"] if "metrics" in info else []))},
+                              indent=1))
+
