@@ -110,6 +110,9 @@ def main() -> None:
             r = client.chat.completions.create(model=model, messages=m, max_tokens=args.max_tokens, temperature=0)
             return time.perf_counter() - s, r.choices[0].message.content or "", r.usage.completion_tokens
 
+        n = args.requests
+        print(f"model {args.model}, {n} chat requests of max_tokens={args.max_tokens} (greedy), "
+              f"torch threads {__import__('torch').get_num_threads()}, cpus {os.cpu_count()}", flush=True)
         batcher = app.state.serve.batcher
         chat("a", msgs[0])  # warm-up
         batcher.window_s = 0.0  # one at a time: no batching wait either, the fairest sequential baseline
@@ -117,24 +120,30 @@ def main() -> None:
         seq = [chat("a", m) for m in msgs]
         seq_wall = time.perf_counter() - s
         batcher.window_s = settings.batch_window_ms / 1000
-        with ThreadPoolExecutor(args.requests) as ex:
+        _line("one at a time", seq, seq_wall)
+        with ThreadPoolExecutor(n) as ex:
             s = time.perf_counter()
             par = list(ex.map(lambda m: chat("a", m), msgs))
             par_wall = time.perf_counter() - s
+        _line("batched", par, par_wall)
         same = sum(p[1] == q[1] for p, q in zip(par, seq, strict=True))
+        print(f"ratio batched / one at a time: {seq_wall / par_wall:.2f}x  "
+              f"(batched replies equal to the sequential ones: {same}/{n})", flush=True)
 
         models = ["a", "b", args.model]
-        mixed_jobs = [(models[i % 3], msgs[i]) for i in range(args.requests)]
+        mixed_jobs = [(models[i % 3], msgs[i]) for i in range(n)]
         want: dict[tuple[str, str], str] = {}  # one-at-a-time reply of each (model, prompt)
         for m, x in mixed_jobs:
             key = (m, x[0]["content"])
             if key not in want:
                 want[key] = chat(m, x)[1]
-        with ThreadPoolExecutor(args.requests) as ex:
+        with ThreadPoolExecutor(n) as ex:
             s = time.perf_counter()
             mixed = list(ex.map(lambda j: chat(*j), mixed_jobs))
             mixed_wall = time.perf_counter() - s
         mixed_ok = sum(r[1] == want[(m, x[0]["content"])] for r, (m, x) in zip(mixed, mixed_jobs, strict=True))
+        print(f"mixed a/b/base at once: {n / mixed_wall:.2f} req/s, replies correct per model {mixed_ok}/{n}, "
+              f"wall {mixed_wall:.2f} s", flush=True)
 
         one = msgs[0]
         same_lat = [chat("a", one)[0] for _ in range(args.switches)]
@@ -145,24 +154,17 @@ def main() -> None:
         switches = float(re.search(r"adapter_switches_total (\S+)", text).group(1))
         switch_s = float(re.search(r"adapter_switch_seconds_total (\S+)", text).group(1))
         batches = float(re.search(r"batches_total (\S+)", text).group(1))
-
-    n = args.requests
-    seq_lat, par_lat = [x[0] for x in seq], [x[0] for x in par]
-    toks_seq, toks_par = sum(x[2] for x in seq), sum(x[2] for x in par)
-    print(f"model {args.model}, {n} chat requests of max_tokens={args.max_tokens} (greedy), "
-          f"torch threads {__import__('torch').get_num_threads()}, cpus {os.cpu_count()}")
-    print(f"one at a time : {n / seq_wall:7.2f} req/s  {toks_seq / seq_wall:8.1f} tok/s  "
-          f"p50 {statistics.median(seq_lat):.3f} s  p95 {_pct(seq_lat, 0.95):.3f} s  wall {seq_wall:.2f} s")
-    print(f"batched       : {n / par_wall:7.2f} req/s  {toks_par / par_wall:8.1f} tok/s  "
-          f"p50 {statistics.median(par_lat):.3f} s  p95 {_pct(par_lat, 0.95):.3f} s  wall {par_wall:.2f} s")
-    print(f"ratio batched / one at a time: {seq_wall / par_wall:.2f}x  "
-          f"(batched replies equal to the sequential ones: {same}/{n})")
-    print(f"mixed a/b/base at once: {n / mixed_wall:.2f} req/s, replies correct per model {mixed_ok}/{n}, "
-          f"wall {mixed_wall:.2f} s; batches run in total: {batches:.0f}")
     print(f"adapter switch (server, activate): {1000 * switch_s / max(switches, 1):.3f} ms over {switches:.0f} "
           f"switches; alternating a/b single requests p50 {statistics.median(alt_lat):.3f} s vs same adapter "
           f"{statistics.median(same_lat):.3f} s (difference "
-          f"{1000 * (statistics.median(alt_lat) - statistics.median(same_lat)):+.1f} ms)")
+          f"{1000 * (statistics.median(alt_lat) - statistics.median(same_lat)):+.1f} ms); batches run: {batches:.0f}")
+
+
+def _line(label: str, results: list[tuple[float, str, int]], wall: float) -> None:
+    lat = [r[0] for r in results]
+    toks = sum(r[2] for r in results)
+    print(f"{label:14s}: {len(results) / wall:7.2f} req/s  {toks / wall:8.1f} tok/s  p50 {statistics.median(lat):.3f} s"
+          f"  p95 {_pct(lat, 0.95):.3f} s  wall {wall:.2f} s", flush=True)
 
 
 if __name__ == "__main__":
