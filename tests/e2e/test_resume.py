@@ -83,28 +83,23 @@ def max_abs_diff(a: Path, b: Path) -> float:
     return max(float((ta[k].double() - tb[k].double()).abs().max()) for k in ta)
 
 
-def kill_after_checkpoint(run: Path, precision: str, cwd: Path) -> tuple[int, int]:
-    """Start training, SIGKILL it once it has passed a complete checkpoint; returns (ckpt step, last logged step)."""
-    log = (cwd / f"killed-{precision}.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tuneforge", *train_args(run, precision)],
-        cwd=cwd,
-        env=cli_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+def kill_when_past_checkpoint(args: list[str], run: Path, cwd: Path, log_name: str, min_step: int,
+                              past: int = PROGRESS_PAST) -> int:
+    """Start ``tuneforge ARGS``, SIGKILL it once a complete checkpoint at step >= ``min_step`` exists and training
+    has logged ``past`` steps beyond it; returns that checkpoint's step."""
+    log = (cwd / log_name).open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "tuneforge", *args], cwd=cwd, env=cli_env(), stdout=log,
+                            stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 900
     try:
         while True:
             if proc.poll() is not None:
-                pytest.fail(
-                    f"training ended (rc={proc.returncode}) before it could be killed; see {log.name}"
-                )
+                pytest.fail(f"training ended (rc={proc.returncode}) before it could be killed; see {log.name}")
             if time.monotonic() > deadline:
                 pytest.fail("training made no progress in time")
-            ckpts = [s for s in complete_checkpoints(run) if s >= KILL_AFTER_CHECKPOINT]
+            ckpts = [s for s in complete_checkpoints(run) if s >= min_step]
             logged = logged_train_steps(run)
-            if ckpts and logged and max(logged) >= ckpts[-1] + PROGRESS_PAST:
+            if ckpts and logged and max(logged) >= ckpts[-1] + past:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=60)
                 break
@@ -115,9 +110,16 @@ def kill_after_checkpoint(run: Path, precision: str, cwd: Path) -> tuple[int, in
             proc.wait()
         log.close()
     assert proc.returncode == -signal.SIGKILL
+    return complete_checkpoints(run)[-1]
+
+
+def kill_after_checkpoint(run: Path, precision: str, cwd: Path) -> tuple[int, int]:
+    """Start training, SIGKILL it once it has passed a complete checkpoint; returns (ckpt step, last logged step)."""
+    step = kill_when_past_checkpoint(train_args(run, precision), run, cwd, f"killed-{precision}.log",
+                                     KILL_AFTER_CHECKPOINT)
     last = max(logged_train_steps(run))
     assert last < MAX_STEPS, "the run got to the end before the kill"
-    return complete_checkpoints(run)[-1], last
+    return step, last
 
 
 @pytest.fixture(scope="module")

@@ -8,16 +8,12 @@ Fisher and teacher taken from the starting weights, not from the resumed ones.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from _common import REPO, cli, cli_env
-from test_resume import complete_checkpoints, logged_train_steps, max_abs_diff
+from _common import REPO, cli
+from test_resume import kill_when_past_checkpoint, max_abs_diff
 
 pytestmark = pytest.mark.e2e
 
@@ -68,36 +64,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def _kill_after_checkpoint(case: str, run: Path, cwd: Path) -> int:
-    with (cwd / f"killed-{case}.log").open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "tuneforge", *_args(case, run)], cwd=cwd, env=cli_env(),
-                                stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 600
-        try:
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"training ended (rc={proc.returncode}) before it could be killed; see {log.name}")
-                if time.monotonic() > deadline:
-                    pytest.fail("training made no progress in time")
-                ckpts = [s for s in complete_checkpoints(run) if s >= KILL_AFTER]
-                logged = logged_train_steps(run)
-                if ckpts and logged and max(logged) >= ckpts[-1] + 2:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=60)
-                    break
-                time.sleep(0.02)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    return complete_checkpoints(run)[-1]
-
-
 @pytest.mark.parametrize("case", ["ner", "qa", "multitask", "retain"])
 def test_killed_run_resumes_to_the_same_weights(case: str, workdir: Path) -> None:
     resumed, reference = workdir / f"resumed-{case}", workdir / f"reference-{case}"
-    step = _kill_after_checkpoint(case, resumed, workdir)
+    step = kill_when_past_checkpoint(_args(case, resumed), resumed, workdir, f"killed-{case}.log", KILL_AFTER)
     state = json.loads((resumed / "checkpoints" / f"step-{step:08d}" / "state.json").read_text(encoding="utf-8"))
     assert state["batch_in_epoch"] > 0, "the kill should land mid-epoch"
     out = cli(*_args(case, resumed), "--resume", cwd=workdir)
