@@ -137,3 +137,36 @@ def test_cli_train_eval_json_and_bad_inputs(pairs, tmp_path: Path) -> None:
     proc = cli("train", *args, "output_dir=run2", cwd=tmp_path, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "bad.jsonl:3" in out and "'rejected'" in out
+
+
+def test_resume_after_an_interruption_gives_the_same_weights(pairs, tmp_path: Path, monkeypatch) -> None:
+    """Stopped right after its step-3 checkpoint and resumed, a full-weights DPO run ends with the weights of an
+    uninterrupted one (1e-6): the reference log-probs are computed again from the freshly loaded base model
+    on resume, not from the resumed policy (which would change every later loss)."""
+    from safetensors.torch import load_file
+
+    import tuneforge.engine.loops as loops
+
+    def run(out: str):
+        return load_config(None, overrides(*pairs, "method=full", "train.lr=3e-3", "train.max_steps=6",
+                                           "train.save_steps=3", f"output_dir={tmp_path / out}"))
+
+    whole = train(run("whole"), quiet=True)
+    real = loops.save_checkpoint
+
+    def stop_after_step_3(*args, **kwargs):
+        path = real(*args, **kwargs)
+        if path.name.endswith("03"):
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(loops, "save_checkpoint", stop_after_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(run("cut"), quiet=True)
+    monkeypatch.setattr(loops, "save_checkpoint", real)
+    resumed = train(run("cut"), resume=True, quiet=True)
+    a, b = (load_file(r.run_dir / "model" / "model.safetensors") for r in (whole, resumed))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert resumed.metrics["splits"]["validation"]["loss"] == pytest.approx(
+        whole.metrics["splits"]["validation"]["loss"], abs=1e-6)
