@@ -46,14 +46,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     qa.write_text("".join(json.dumps({"id": f"q{i}", "question": "which city ?", "context": f"the city is {c} .",
                                       "answers": {"text": [c], "answer_start": [12]}}) + "\n"
                           for i, c in enumerate(["paris", "rome", "oslo", "lima"] * 4)))
+    sts = tmp / "sts.csv"
+    sts.write_text("s1,s2,score\n" + "".join(f"{a} movie,{b} film,{float(a == b)}\n" for a in ("great", "awful")
+                                               for b in ("great", "awful") for _ in range(4)))
     runs = {
+        "sts": _run(tmp, "sts", "task=contrastive", f"data.train={sts}", "data.text_column=s1",
+                    "data.text_pair_column=s2", "data.label_column=score", "task.pooling=cls"),
         "cls": _run(tmp, "cls", "task=classification", f"data.train={cls}"),
         "ner": _run(tmp, "ner", "task=token_classification", f"data.train={ner}"),
         "qa": _run(tmp, "qa", "task=extractive_qa", f"data.train={qa}", "task.max_length=64", "task.doc_stride=16",
                    "task.max_question_length=16"),
     }
     settings = ServeSettings(max_inputs=8)
-    pool = build_pool([f"cls={runs['cls']}", f"ner={runs['ner']}", f"qa={runs['qa']}", "tiny-bert"], [], settings)
+    pool = build_pool([f"cls={runs['cls']}", f"ner={runs['ner']}", f"qa={runs['qa']}", f"sts={runs['sts']}",
+                       "tiny-bert"], [], settings)
     with live_server(create_app(pool, settings)) as url:
         yield url, runs
 
@@ -103,3 +109,19 @@ def test_routes_refuse_runs_of_other_tasks_and_encoders_embed(server: Any) -> No
     assert len(emb["data"]) == 2 and len(emb["data"][0]["embedding"]) == 32
     emb = httpx.post(url + "/v1/embeddings", json={"model": "cls", "input": "a b"}).json()
     assert len(emb["data"][0]["embedding"]) == 32  # a task run's backbone embeds too
+
+
+def test_a_sentence_encoder_run_embeds_with_its_own_pooling(server: Any, tmp_path: Path) -> None:
+    import numpy as np
+
+    from tuneforge.embedding import embed_file
+
+    url, runs = server
+    texts = ["great movie", "awful film here"]
+    r = httpx.post(url + "/v1/embeddings", json={"model": "sts", "input": texts}).json()
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    embed_file(runs["sts"], tmp_path / "t.txt", tmp_path / "v.npy", [])
+    want = np.load(tmp_path / "v.npy")  # [CLS] pooling, as the run was trained: not the mean
+    got = np.array([d["embedding"] for d in r["data"]])
+    assert np.abs(got - want).max() < 1e-5
+

@@ -185,9 +185,9 @@ class ModelPool:
             loaded = load_model(run_dir, device=self.device)
             return self._add(Served(name, "generative", str(run_dir), loaded.tokenizer, _Holder(loaded.model),
                                     chat=loaded.chat, system_prompt=loaded.system_prompt))
-        if run.task.name not in TASK_ROUTES:
-            raise ConfigError(f"{run_dir} is a '{run.task.name}' run; the server serves causal LM runs and "
-                              f"{', '.join(TASK_ROUTES)} runs", key="task")
+        if run.task.name not in TASK_ROUTES and not spec.embeds:
+            raise ConfigError(f"{run_dir} is a '{run.task.name}' run; the server serves causal LM runs, sentence "
+                              f"encoders (task=contrastive) and {', '.join(TASK_ROUTES)} runs", key="task")
         runtime = Runtime.create(self.device, "fp32")
         objective = get_objective(run)
         built = objective.from_saved(run_dir / "model")

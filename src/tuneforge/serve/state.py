@@ -169,13 +169,13 @@ class ServerState:
         texts = [t for j in jobs for t in j.payload[1]]
         with self.pool.bound(entry) as model:
             try:
-                vecs, counts = embed(model, entry.tokenizer, texts, self.settings.max_prompt_tokens)
+                vecs, counts = self._vectors(entry, model, texts)
             except APIError as e:
                 if len(jobs) == 1:
                     raise
                 for j in jobs:  # find whose input failed: each job alone
                     try:
-                        j.resolve(embed(model, entry.tokenizer, j.payload[1], self.settings.max_prompt_tokens))
+                        j.resolve(self._vectors(entry, model, j.payload[1]))
                     except APIError as e2:
                         j.fail(e2)
                 del e
@@ -185,6 +185,20 @@ class ServerState:
             k = len(j.payload[1])
             j.resolve((vecs[at:at + k], counts[at:at + k]))
             at += k
+
+    def _vectors(self, entry: Served, model: Any, texts: list[str]) -> tuple[list[Any], list[int]]:
+        """A sentence encoder run (``ObjectiveSpec.embeds``) encodes with its own pooling (what ``tuneforge
+        embed`` writes); any other model mean-pools its last hidden states."""
+        objective = entry.objective
+        if objective is None or not objective.spec.embeds:
+            return embed(model, entry.tokenizer, texts, self.settings.max_prompt_tokens)
+        counts = [len(ids) for ids in entry.tokenizer(texts)["input_ids"]]
+        if max(counts) > self.settings.max_prompt_tokens:
+            i = max(range(len(counts)), key=counts.__getitem__)
+            raise APIError(400, f"input {i} has {counts[i]} tokens; this server accepts at most "
+                                f"{self.settings.max_prompt_tokens}", param="input", code="context_length_exceeded")
+        vecs = objective.encode(entry.built, texts, batch_size=32, runtime=entry.runtime)
+        return list(vecs), counts
 
     async def predict(self, entry: Served, texts: list[str], pairs: list[str] | None) -> list[dict[str, Any]]:
         """The run objective's ``predict`` rows for ``texts`` (and ``pairs``), in order."""
