@@ -257,3 +257,10 @@ def test_replay_data_in_the_wrong_layout_names_the_file(files: dict[str, Path], 
         train(load_config(None, base_args(files, tmp_path / "run", f"retain.replay.data={bad}")), quiet=True)
     assert info.value.exit_code == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_ewc_with_a_head_only_method_is_refused_before_the_run_dir(files: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="trains only a task head") as info:
+        train(load_config(None, base_args(files, tmp_path / "run", "method=frozen",
+                                          f"retain.ewc.fisher_data={files['general']}")), quiet=True)
+    assert info.value.key == "retain.ewc" and not (tmp_path / "run").exists()

@@ -37,6 +37,12 @@ _KEY = "retain.distill.teacher"
 def create(run: Any, cfg: Any, objective: Any, data: Any, listed: bool) -> Distill:
     if cfg.teacher is not None and not Path(cfg.teacher).exists():
         raise ConfigError(f"teacher not found: {cfg.teacher}", key=_KEY)
+    if cfg.teacher is None:
+        from tuneforge.methods import get_method
+
+        if get_method(run.method.name).runtime().reference is None:
+            raise ConfigError(f"method '{run.method.name}' has no reference context to distil from; set "
+                              f"{_KEY} to a run or model folder", key=_KEY)
     return Distill(run, cfg, objective, data)
 
 

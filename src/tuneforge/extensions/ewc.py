@@ -39,6 +39,9 @@ def create(run: Any, cfg: Any, objective: Any, data: Any, listed: bool) -> EWC:
     """Reads and checks the general data now, before any model loads."""
     if not Path(cfg.fisher_data).exists():
         raise ConfigError(f"file not found: {cfg.fisher_data}", key="retain.ewc.fisher_data")
+    if run.method.head_only:
+        raise ConfigError(f"ewc has no weights to hold: method '{run.method.name}' trains only a task head",
+                          key="retain.ewc")
     return EWC(run, cfg, objective, objective.read_split(Path(cfg.fisher_data)))
 
 
