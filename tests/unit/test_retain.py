@@ -201,9 +201,9 @@ def test_ewc_fisher_is_cached_in_the_run(files: dict[str, Path], tmp_path: Path)
 
 
 @pytest.mark.parametrize(("extra", "key", "message"), [
-    (["retain.ewc.lambda=1"], "retain.ewc.fisher_data", "Field required"),
+    (["retain.ewc.lambda=1"], "retain", "retain.ewc.fisher_data Field required"),
     (["retain.forgetting.general_eval=x"], "retain", "not a cure for forgetting; retain takes: distill, ewc, l2sp"),
-    (["retain.l2sp.alpha=-1"], "retain.l2sp.alpha", "greater than or equal to 0"),
+    (["retain.l2sp.alpha=-1"], "retain", "retain.l2sp.alpha Input should be greater than or equal to 0"),
     (["retain.distill.teacher=/no/such/run"], "retain.distill.teacher", "teacher not found"),
 ])
 def test_bad_retain_settings_name_the_key(files: dict[str, Path], tmp_path: Path, extra: list[str], key: str,

@@ -95,8 +95,7 @@ def _format_validation_error(err: ValidationError, tree: dict[str, Any]) -> Conf
         loc = [p for p in loc if not p.endswith("]") and p not in ("str", "int", "float", "bool", "none")]
         key = ".".join(loc) or "(root)"
         msg = e["msg"].removeprefix("Value error, ")
-        lead = re.match(r"^([a-z_]+(?:\.[A-Za-z_0-9]+)+) ", msg)  # checks may lead with their (nested) key
-        if lead and (key == "(root)" or lead.group(1).startswith(key + ".")):
+        if key == "(root)" and re.match(r"^[a-z_]+\.[a-z_.]+ ", msg):  # cross-field checks lead with their key
             key, msg = msg.split(" ", 1)
         first_key = first_key or key
         if e["type"] == "extra_forbidden":
