@@ -13,6 +13,7 @@ context in both). Model: MiniLM-L6 (``minilm-l6``), a fresh QA head. Both sides:
 Throughput = training windows ("features") / wall time of the training loop, as reported by each tool.
 
     python benchmarks/bench_qa.py [--epochs 2] [--lr 5e-5] [--batch-size 16] [--only hf|tuneforge] [--threads N]
+                                  [--random-batches]
 
 On a shared 2-core CPU the two sides were run at the same time, one thread each (``--only hf --threads 1``
 and ``--only tuneforge --threads 1``), so that both see the same contention.
@@ -156,7 +157,8 @@ def run_tuneforge(a: argparse.Namespace, train_file: Path, eval_file: Path) -> d
         f"task.max_length={MAX_LEN}", f"task.doc_stride={STRIDE}", f"train.epochs={a.epochs}",
         f"train.batch_size={a.batch_size}", f"train.lr={a.lr}", "train.warmup_steps=0", "train.schedule=linear",
         "train.weight_decay=0.01", "train.precision=fp32", "train.tensorboard=false", f"train.seed={a.seed}",
-        "train.eval_steps=100000", f"output_dir={a.work}/tuneforge"])
+        "train.eval_steps=100000", f"train.group_by_length={str(not a.random_batches).lower()}",
+        f"output_dir={a.work}/tuneforge"])
     res = train(run, quiet=True, overwrite=True)
     t, v = res.metrics["train"], res.metrics["splits"]["validation"]
     return {"train_seconds": t["train_seconds"], "samples_per_s": t["train_samples_per_s"],
@@ -171,6 +173,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--only", choices=("hf", "tuneforge"), help="run one side (e.g. both sides in parallel)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--random-batches", action="store_true",
+                   help="tuneforge with train.group_by_length=false: random batches like the Trainer's default")
     a = p.parse_args()
     if a.threads:
         import torch

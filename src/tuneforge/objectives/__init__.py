@@ -41,7 +41,7 @@ register(ObjectiveSpec("span_corruption", SpanCorruptionConfig, "tuneforge.objec
 register(ObjectiveSpec("token_classification", TokenClassificationConfig, "tuneforge.objectives.token_classification",
                        model_class="AutoModelForTokenClassification", predicts=True, task_head=True))
 register(ObjectiveSpec("extractive_qa", ExtractiveQAConfig, "tuneforge.objectives.extractive_qa",
-                       model_class="AutoModelForQuestionAnswering", predicts=True, task_head=True))
+                       model_class="AutoModelForQuestionAnswering", predicts=True, task_head=True, metric_scale=100.0))
 register(ObjectiveSpec("contrastive", ContrastiveConfig, "tuneforge.objectives.contrastive", model_class="AutoModel",
                        embeds=True))
 register(ObjectiveSpec("multitask", MultiTaskConfig, "tuneforge.objectives.multitask",

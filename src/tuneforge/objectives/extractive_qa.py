@@ -122,7 +122,6 @@ class ExtractiveQAObjective:
     name = "extractive_qa"
     default_metric = "f1"
     greater_is_better = True
-    metric_in_percent = True  # EM and F1 are percentages, as the official SQuAD script prints them
 
     def __init__(self, run: RunConfig):
         self.run = run

@@ -141,8 +141,7 @@ class MultiTaskObjective:
             objective = self.tasks[name]
             m = _scalars(objective.evaluate(TaskView(model, name), part, batch_size=batch_size, runtime=runtime))
             out.update({f"{name}/{k}": v for k, v in m.items()})
-            scale = 100.0 if getattr(objective, "metric_in_percent", False) else 1.0
-            headline.append(m[objective.default_metric] / scale)
+            headline.append(m[objective.default_metric] / objective.spec.metric_scale)
             per_task[name] = {"task": objective.name, "metric": objective.default_metric,
                               "value": m[objective.default_metric], "loss": m.get("loss"), "examples": len(part)}
             if "loss" in m:
