@@ -167,6 +167,8 @@ def test_predict_and_eval_need_a_task(files: dict[str, Path], tmp_path: Path) ->
     (["task.tasks.ner.task=clm"], "task", "'clm' has no task head"),
     (["data.train=x.csv"], "data.train", "each task reads its own data block"),
     (["task.select=zzz"], "task", "'zzz' is not a task of this run"),
+    (["task.general_eval=x.csv"], "task.general_eval", "not supported by multi-task runs yet"),
+    (["retain.replay.data=x.csv"], "retain.replay", "not supported by multi-task runs yet"),
     (["task.tasks.ner.data.max_length=4"], "task.tasks.ner.data.max_length", "greater than or equal to 8"),
 ])
 def test_bad_configs_name_the_key(files: dict[str, Path], tmp_path: Path, extra: list[str], key: str,

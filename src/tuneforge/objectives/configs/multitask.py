@@ -78,6 +78,15 @@ class MultiTaskConfig(TaskConfig):
             raise ValueError(f"method.name '{run.method.name}' adds virtual tokens to one model's forward; a multi-task "
                              "run shares the backbone between several task models: use a method that changes the "
                              "backbone's weights or layers (full, frozen, lora, qlora, ia3, adapter, bitfit)")
+        general = [k for k, v in (("task.general_eval", self.general_eval), *((f"retain.{n}", run.extension(n))
+                                                                                  for n in ("ewc", "replay")))
+                   if v is not None]
+        forgetting = run.extension("forgetting")
+        if forgetting is not None and forgetting.general_eval is not None:
+            general.append("extensions.forgetting.general_eval")
+        if general:
+            raise ValueError(f"{general[0]} is not supported by multi-task runs yet: general data would need a task "
+                             "to be read by; train the task alone for a forgetting report, EWC or replay")
         if run.data.train is not None or run.data.validation is not None:
             raise ValueError("data.train is not used by a multi-task run: each task reads its own data block "
                              "(task.tasks.NAME.data); leave the top-level data block empty")
