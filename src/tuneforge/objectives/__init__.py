@@ -32,16 +32,18 @@ _LM = {"generative": True, "model_class": "AutoModelForCausalLM", "pretrained_he
        "evaluates_base_models": True}
 
 register(ObjectiveSpec("classification", ClassificationConfig, "tuneforge.objectives.classification",
-                       model_class="AutoModelForSequenceClassification", predicts=True, feature_head=True, task_head=True))
+                       model_class="AutoModelForSequenceClassification", predicts=True, feature_head=True, task_head=True,
+                       serve_route="classify"))
 register(ObjectiveSpec("clm", ClmConfig, "tuneforge.objectives.clm", **_LM))
 register(ObjectiveSpec("sft", SftConfig, "tuneforge.objectives.sft", chat=True, **_LM))
 register(ObjectiveSpec("mlm", MLMConfig, "tuneforge.objectives.mlm", model_class="AutoModelForMaskedLM"))
 register(ObjectiveSpec("span_corruption", SpanCorruptionConfig, "tuneforge.objectives.span_corruption",
                        model_class="T5ForConditionalGeneration"))
 register(ObjectiveSpec("token_classification", TokenClassificationConfig, "tuneforge.objectives.token_classification",
-                       model_class="AutoModelForTokenClassification", predicts=True, task_head=True))
+                       model_class="AutoModelForTokenClassification", predicts=True, task_head=True, serve_route="tag"))
 register(ObjectiveSpec("extractive_qa", ExtractiveQAConfig, "tuneforge.objectives.extractive_qa",
-                       model_class="AutoModelForQuestionAnswering", predicts=True, task_head=True, metric_scale=100.0))
+                       model_class="AutoModelForQuestionAnswering", predicts=True, task_head=True, metric_scale=100.0,
+                       serve_route="answer"))
 register(ObjectiveSpec("contrastive", ContrastiveConfig, "tuneforge.objectives.contrastive", model_class="AutoModel",
                        embeds=True))
 register(ObjectiveSpec("multitask", MultiTaskConfig, "tuneforge.objectives.multitask",

@@ -174,6 +174,8 @@ class ObjectiveSpec:
             that a multi-task run can put beside other heads on one shared backbone; implements
             `TaskHeadObjective`.
         embeds: produces sentence vectors (``encode(built, texts, batch_size=, runtime=)``; ``tuneforge embed``).
+        serve_route: ``tuneforge serve`` answers its runs' ``predict`` on ``/v1/<serve_route>`` (classify, tag,
+            answer); empty: no task route.
         metric_scale: the headline metric's full scale (100 for SQuAD's percent EM/F1): a multi-task score
             averages headline metrics as fractions.
     """
@@ -192,6 +194,7 @@ class ObjectiveSpec:
     task_head: bool = False
     embeds: bool = False
     metric_scale: float = 1.0
+    serve_route: str = ""
 
     def create(self, run: RunConfig) -> Objective:
         """Instantiate the objective for one run (it may keep run state, e.g. class weights)."""

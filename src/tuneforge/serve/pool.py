@@ -30,10 +30,15 @@ from tuneforge.errors import ConfigError
 from tuneforge.serve.errors import APIError
 from tuneforge.serve.schemas import ModelCard
 
-__all__ = ["TASK_ROUTES", "ModelPool", "Served"]
+__all__ = ["ModelPool", "Served", "task_routes"]
 
 # The predicting objectives each task route serves (their ``predict`` rows have that route's shape).
-TASK_ROUTES: dict[str, str] = {"classification": "classify", "token_classification": "tag", "extractive_qa": "answer"}
+def task_routes() -> dict[str, str]:
+    """Objective name -> its task route (``/v1/<route>``), as each objective's spec declares it
+    (``ObjectiveSpec.serve_route``): classification -> classify, token_classification -> tag, ..."""
+    from tuneforge.objectives import OBJECTIVES
+
+    return {name: spec.serve_route for name, spec in OBJECTIVES.items() if spec.serve_route}
 
 
 @dataclass
@@ -115,8 +120,8 @@ class ModelPool:
         if kind == "generative" and entry.kind != "generative":
             raise APIError(400, f"'{name}' is a {entry.kind} model ({entry.task or 'no task'}); text generation "
                                 "needs a causal LM", param="model", code="model_not_generative")
-        if route is not None and (entry.kind != "task" or TASK_ROUTES.get(entry.task or "") != route):
-            fit = [e.name for e in self.entries() if e.kind == "task" and TASK_ROUTES.get(e.task or "") == route]
+        if route is not None and (entry.kind != "task" or task_routes().get(entry.task or "") != route):
+            fit = [e.name for e in self.entries() if e.kind == "task" and task_routes().get(e.task or "") == route]
             raise APIError(400, f"'{name}' is not a run this route serves ({route} needs a "
                                 f"{_task_of(route)} run; served ones: {', '.join(fit) or 'none'})",
                            param="model", code="wrong_model_kind")
@@ -171,7 +176,7 @@ class ModelPool:
             model = load_trained(AutoModel, folder).eval().to(resolve_device(self.device))
             return self._add(Served(name, "encoder", target, AutoTokenizer.from_pretrained(folder), _Holder(model)))
         raise ConfigError(f"'{target}' is an {family} model; the server serves causal LMs, encoders and "
-                          f"{', '.join(TASK_ROUTES)} runs", key="model")
+                          f"{', '.join(task_routes())} runs", key="model")
 
     def _add_run(self, run_dir: Path, name: str) -> Served:
         from tuneforge.config import load_config
@@ -185,9 +190,9 @@ class ModelPool:
             loaded = load_model(run_dir, device=self.device)
             return self._add(Served(name, "generative", str(run_dir), loaded.tokenizer, _Holder(loaded.model),
                                     chat=loaded.chat, system_prompt=loaded.system_prompt))
-        if run.task.name not in TASK_ROUTES and not spec.embeds:
+        if run.task.name not in task_routes() and not spec.embeds:
             raise ConfigError(f"{run_dir} is a '{run.task.name}' run; the server serves causal LM runs, sentence "
-                              f"encoders (task=contrastive) and {', '.join(TASK_ROUTES)} runs", key="task")
+                              f"encoders (task=contrastive) and {', '.join(task_routes())} runs", key="task")
         runtime = Runtime.create(self.device, "fp32")
         objective = get_objective(run)
         built = objective.from_saved(run_dir / "model")
@@ -322,4 +327,4 @@ class ModelPool:
 
 
 def _task_of(route: str) -> str:
-    return next(t for t, r in TASK_ROUTES.items() if r == route)
+    return next(t for t, r in task_routes().items() if r == route)
