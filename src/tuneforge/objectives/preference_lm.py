@@ -241,8 +241,10 @@ class PreferenceLMObjective:
         return {**self.metrics(merged, extra), "examples": len(data)}
 
     def metrics(self, out: PreferenceOutputs, extra: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Metrics from per-example [N, S] log-probs, token counts and reference log-probs of a whole split."""
-        raise NotImplementedError
+        """Metrics from per-example [N, S] log-probs, token counts and reference log-probs of a whole split
+        (each objective built on this base, dpo/simpo/kto, defines its own)."""
+        raise NotImplementedError(f"{type(self).__name__} must define metrics(): the preference base gives only "
+                                  "the shared pieces")
 
     def baseline_metrics(self, train: Any, records: Any) -> dict[str, float]:
         """None: preference optimisation has no model-free reference number here."""
