@@ -54,13 +54,22 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue the run in output_dir from its last checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing output_dir")] = False,
     quiet: Quiet = False,
+    nproc: Annotated[int | None, typer.Option("--nproc", min=1, help="start N processes on this machine with "
+                                              "torchrun (data parallel; train.batch_size is per process)")] = None,
 ) -> None:
     """Train a model from an optional RECIPE.yaml plus key=value overrides."""
     from tuneforge.pipeline import train as run_train
 
     cfg = _load(args)
+    if nproc is not None and "WORLD_SIZE" not in os.environ:
+        from tuneforge.engine.launch import torchrun
+
+        flags = [f for f, on in (("--resume", resume), ("--overwrite", overwrite), ("--quiet", quiet)) if on]
+        sys.exit(torchrun(nproc, ["train", *(args or []), *flags]))
     command = "tuneforge train " + " ".join(shlex.quote(a) for a in (args or []))
     result = run_train(cfg, resume=resume, overwrite=overwrite, quiet=quiet, command=command)
+    if os.environ.get("RANK", "0") != "0":  # under a launcher, rank 0 reports
+        return
     ev = result.metrics.get("eval", {})
     shown = ", ".join(f"{k}={v:.4f}" for k, v in ev.items() if "/" not in k)
     typer.echo(f"done: {result.run_dir}  ({shown})")
@@ -151,6 +160,7 @@ COMMAND_MODULES: list[str] = [
     "tuneforge.commands.forgetting",
     "tuneforge.commands.embed",
     "tuneforge.commands.serve",
+    "tuneforge.commands.ui",
 ]
 
 

@@ -4,6 +4,10 @@ Order matters for the "nothing is lost" rule: everything that can fail on user i
 model name, files, columns, labels, model/method compatibility, extensions' inputs) is checked before the
 run directory is created or any weights are loaded; outputs are written atomically. The pipeline knows
 no objective, method, extension or loop by name: it asks their registries and declared capabilities.
+
+Under several processes (torchrun, accelerate; `engine.distributed`) every rank runs this function; only
+rank 0 creates and writes the run directory (config, metrics, checkpoints, the final model, plots, the
+report) while the others wait at barriers, and only rank 0 returns the final metrics.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from tuneforge.track import (
     write_plots,
     write_report,
 )
+from tuneforge.track.trackers import Trackers
 from tuneforge.wiring import wire
 
 __all__ = ["RunResult", "default_output_dir", "train"]
@@ -69,6 +74,19 @@ def _make_run_dir(run_dir: Path, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+class _NoLogger:
+    """The metrics logger of ranks other than 0: they write nothing."""
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> _NoLogger:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
 def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
           command: str = "") -> RunResult:
     """Run one training job described by ``run``; returns the run directory and final metrics."""
@@ -81,6 +99,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     n_layers = num_layers(model_config)
     run.method.check_model(n_layers)
     run_dir = _check_run_dir(run, resume, overwrite)
+    trackers = Trackers.for_run(run, enabled=runtime.is_main)  # a tracker's missing extra fails here, before any weights
     ctx = RunContext(run, objective, data, runtime, quiet)
     for note in data.notes:
         ctx.say(note)
@@ -107,7 +126,10 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
 
     metric = run.train.metric or objective.default_metric
     greater = objective.greater_is_better if metric == objective.default_metric else not metric.endswith("loss")
-    _make_run_dir(run_dir, resume)
+    runtime.barrier()  # every rank has checked the run dir before rank 0 creates it
+    if runtime.is_main:
+        _make_run_dir(run_dir, resume)
+    runtime.barrier()
     ctx.run_dir = run_dir
     loop = create_loop(objective.spec.loop, LoopContext(
         model=model, module=runtime.wrap(module), objective=objective, train_data=splits["train"],
@@ -117,15 +139,25 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     for ext in extensions:  # the starting weights, also on --resume (the checkpoint loads next)
         ext.on_train_start(ctx)
     resumed = loop.resume() if resume else False
-    atomic_write_text(run_dir / "config.yaml", to_yaml(run))  # after resume's checks: a refused resume keeps it
+    if runtime.is_main:  # after resume's checks: a refused resume keeps it
+        atomic_write_text(run_dir / "config.yaml", to_yaml(run))
     if resumed:
         ctx.say(f"resumed from step {loop.state.step} of {loop.total_steps}")
     ctx.say(f"training: {len(splits['train']):,} examples, {loop.total_steps} steps on {runtime.describe()}, "
             f"lr {run.lr:g}")
-    with MetricsLogger(run_dir, tensorboard=run.train.tensorboard,
-                       resume_step=loop.state.step if resumed else None) as logger:
+    if runtime.world_size > 1:
+        ctx.say(f"global batch: {run.train.batch_size} per rank x {runtime.world_size} ranks x "
+                f"{run.train.grad_accum} accumulation = {run.train.batch_size * runtime.world_size * run.train.grad_accum}")
+    resume_step = loop.state.step if resumed else None
+    logs = (MetricsLogger(run_dir, resume_step=resume_step,
+                          trackers=trackers.start(run_dir, run.model_dump(mode="json"), resume_step))
+            if runtime.is_main else _NoLogger())
+    with logs as logger:
         loop.logger = logger
         result = loop.fit()
+    if not runtime.is_main:  # rank 0 alone evaluates the final model and writes the outputs
+        runtime.barrier()
+        return RunResult(run_dir, {})
 
     if run.train.load_best_at_end and result.best_checkpoint is not None:
         load_trainable(model, result.best_checkpoint)
@@ -150,4 +182,6 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
         "trainable_params": wired.trainable, "total_params": wired.total, "hardware": cpu_info(),
         "notes": data.notes, "sections": sections,
     })
+    trackers.finish(run_dir)  # the report, plots and final metrics go to the trackers too
+    runtime.barrier()
     return RunResult(run_dir, metrics)

@@ -22,6 +22,7 @@ __all__ = [
     "RunConfig",
     "StrictModel",
     "TaskConfig",
+    "TextPair",
     "TrainConfig",
     "register_extension_config",
     "register_method_config",
@@ -73,6 +74,9 @@ class TaskConfig(StrictModel):
     general_eval: Path | None = Field(None, description="held-out general file: forgetting report before/after")
     #: the task's data blocks live inside the task block (multi-task runs), not in the top-level ``data``
     own_data: ClassVar[bool] = False
+    #: trains encoder-decoders from sources to targets: reads line-aligned ``{source, target}`` file pairs
+    #: as splits (`TextPair`) and takes warm-started encoder-decoders (``model.architecture=bert2bert``)
+    seq2seq: ClassVar[bool] = False
 
     def check_run(self, run: Any) -> None:
         """Cross-field checks against the whole run (raise `ValueError` naming the keys)."""
@@ -142,7 +146,8 @@ class ModelConfig(StrictModel):
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
     # Pretraining from scratch (see `tuneforge.models.scratch`); `name` is ignored when init=scratch.
     init: Literal["pretrained", "scratch"] = Field("pretrained", description="load weights, or build a random model")
-    architecture: Literal["bert", "roberta", "gpt2", "llama", "t5"] | None = Field(None, description="scratch model type")
+    architecture: Literal["bert", "roberta", "gpt2", "llama", "t5", "bert2bert"] | None = Field(
+        None, description="scratch model type; bert2bert: an encoder-decoder warm-started from the encoder `name`")
     tokenizer: Path | None = Field(None, description="scratch: tokenizer folder (`tuneforge tokenizer train`)")
     size: Literal["tiny", "small", "base"] | None = Field(None, description="scratch preset (default small)")
     layers: int | None = Field(None, ge=1, description="scratch: transformer blocks (overrides size)")
@@ -158,12 +163,21 @@ class ModelConfig(StrictModel):
         return self
 
 
+class TextPair(StrictModel):
+    """Two line-aligned text files (one example a line, gzip read transparently): ``task: seq2seq`` sources
+    and targets, e.g. ``data.train: {source: train.de.gz, target: train.en.gz}``."""
+
+    source: Path = Field(description="source text file, one example a line")
+    target: Path = Field(description="target text file, line-aligned with source")
+
+
 class DataConfig(StrictModel):
     """Input files, their layout and how text is tokenized."""
 
-    train: Path | None = Field(None, description="training file (csv, tsv, json, jsonl, parquet, txt)")
-    validation: Path | None = Field(None, description="validation file; carved from train when absent")
-    test: Path | None = Field(None, description="optional test file evaluated at the end")
+    train: Path | TextPair | None = Field(None, description="training file (csv, tsv, json, jsonl, parquet, txt); "
+                                          "seq2seq: also {source: FILE, target: FILE}")
+    validation: Path | TextPair | None = Field(None, description="validation file; carved from train when absent")
+    test: Path | TextPair | None = Field(None, description="optional test file evaluated at the end")
     format: Literal["csv", "tsv", "json", "jsonl", "parquet", "txt"] | None = Field(
         None, description="file format; by extension when absent"
     )
@@ -225,6 +239,9 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast where the device has it (CUDA with bf16, CPUs with "
         "AVX512-BF16/AMX), fp16 with a grad scaler on older GPUs, else fp32; weights stay fp32")
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = Field(
+        "auto", description="under torchrun/accelerate (WORLD_SIZE > 1): auto = ddp; batch_size is per rank, the "
+        "global batch is batch_size x ranks x grad_accum; fsdp is not implemented yet (refused)")
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
     seed: int = 42
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: each epoch)")
@@ -240,7 +257,39 @@ class TrainConfig(StrictModel):
     )
     max_nonfinite: int = Field(10, ge=1, description="consecutive skipped steps before stopping")
     log_steps: int = Field(10, ge=1, description="log train loss/lr every N steps")
-    tensorboard: bool = True
+    report_to: list[str] = Field(
+        default_factory=lambda: ["tensorboard"], description="experiment trackers the metrics are mirrored to: "
+        "tensorboard, mlflow, wandb (optional extras), or none; e.g. [tensorboard, mlflow]")
+    tensorboard: bool | None = Field(None, description="older switch, kept as an alias: false drops tensorboard "
+                                     "from report_to, true adds it; unset: report_to decides")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers_known(cls, v: Any) -> Any:
+        from tuneforge.track.trackers import tracker_names
+
+        names = [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+        if not isinstance(names, list):
+            return names  # pydantic reports the type
+        allowed = [*tracker_names(), "none"]
+        for name in names:
+            if name not in allowed:
+                raise ValueError(f"unknown tracker '{name}'; allowed: {', '.join(allowed)}")
+        if "none" in names and len(names) > 1:
+            raise ValueError("'none' cannot be combined with other trackers")
+        if len(set(names)) < len(names):
+            raise ValueError("a tracker is listed twice")
+        return names
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers this run logs to: ``report_to`` without ``none``, after the ``tensorboard`` alias."""
+        names = [n for n in self.report_to if n != "none"]
+        if self.tensorboard is False:
+            names = [n for n in names if n != "tensorboard"]
+        elif self.tensorboard and "tensorboard" not in names:
+            names.insert(0, "tensorboard")
+        return names
 
     @field_validator("device")
     @classmethod
@@ -337,6 +386,14 @@ class RunConfig(StrictModel):
             allowed = ", ".join(sorted(n for n, c in _METHOD_CONFIGS.items() if c.from_scratch))
             raise ValueError(f"method.name '{self.method.name}' adapts pretrained weights; a model.init=scratch model "
                              f"trains whole (allowed: {allowed})")
+        paired = [k for k in ("train", "validation", "test") if isinstance(getattr(d, k), TextPair)]
+        seq2seq = ", ".join(sorted(n for n, c in _TASK_CONFIGS.items() if c.seq2seq))
+        if paired and not type(self.task).seq2seq:
+            raise ValueError(f"data.{paired[0]}: {{source, target}} file pairs are read by task {seq2seq} only; "
+                             f"task '{self.task.name}' takes one file")
+        if self.model.init == "pretrained" and self.model.architecture and not type(self.task).seq2seq:
+            raise ValueError(f"model.architecture={self.model.architecture} builds an encoder-decoder, which task "
+                             f"'{self.task.name}' does not train (task {seq2seq} does)")
         twice = sorted({b.name for b in self.extensions} & set(self.retain))
         if twice:
             raise ValueError(f"retain.{twice[0]} is also listed under extensions; list it once")

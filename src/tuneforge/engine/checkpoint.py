@@ -8,6 +8,11 @@ best metric, counters). Tensors are loaded onto the CPU and copied into the mode
 checkpoint written on a GPU resumes on a CPU and the other way round. The
 folder is built under a temporary name and renamed into place, so a crash at any instant leaves either the
 previous set of checkpoints or the new one, never a half-written one.
+
+Under DDP (`engine.distributed`) the weights, optimizer and scheduler are the same on every rank, so rank 0
+alone writes the checkpoint; the RNG states differ per rank (dropout), so each rank's is gathered to rank 0
+and kept in ``rng-ranks.pt``. Every rank reads the same folder on resume and restores its own RNG state when
+the world size is unchanged (rank 0's otherwise; data order does not depend on it, see `data.batching`).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from tuneforge.engine import distributed as dist_
 from tuneforge.engine.runtime import Runtime
 from tuneforge.track.atomic import atomic_directory
 
@@ -70,11 +76,17 @@ def save_checkpoint(
     """Write ``ckpt_root/step-NNNNNNNN`` atomically; returns its path. ``extra``: other state to keep
     (the gradient scaler's, run extensions'), restored by `load_checkpoint`."""
     final = ckpt_root / f"step-{state.step:08d}"
+    runtime = runtime or Runtime.cpu()
+    rng_ranks = dist_.gather_objects(runtime.rng_state()) if runtime.world_size > 1 else None
+    if not runtime.is_main:  # rank 0 writes; the caller waits at a barrier
+        return final
     ckpt_root.mkdir(parents=True, exist_ok=True)
     with atomic_directory(final) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
-        torch.save((runtime or Runtime.cpu()).rng_state(), tmp / "rng.pt")
+        torch.save(runtime.rng_state(), tmp / "rng.pt")
+        if rng_ranks is not None:
+            torch.save(rng_ranks, tmp / "rng-ranks.pt")
         if extra:
             torch.save(extra, tmp / "extra.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2), encoding="utf-8")
@@ -120,9 +132,19 @@ def load_checkpoint(
     optim = torch.load(ckpt / "optim.pt", weights_only=False, map_location="cpu")
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
-    Runtime.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=False, map_location="cpu"))
+    Runtime.set_rng_state(_rng_of_this_rank(ckpt))
     extra = torch.load(ckpt / "extra.pt", weights_only=False, map_location="cpu") if (ckpt / "extra.pt").is_file() else {}
     return TrainerState(**json.loads((ckpt / "state.json").read_text(encoding="utf-8"))), extra
+
+
+def _rng_of_this_rank(ckpt: Path) -> dict[str, Any]:
+    """This rank's saved RNG state when the checkpoint was written at the current world size, else rank 0's."""
+    per_rank = ckpt / "rng-ranks.pt"
+    if dist_.world_size() > 1 and per_rank.is_file():
+        states = torch.load(per_rank, weights_only=False, map_location="cpu")
+        if len(states) == dist_.world_size():
+            return states[dist_.rank()]
+    return torch.load(ckpt / "rng.pt", weights_only=False, map_location="cpu")
 
 
 def rotate_checkpoints(ckpt_root: Path, keep_last: int, protect: int | None) -> None:

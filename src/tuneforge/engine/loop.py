@@ -5,6 +5,12 @@ objective's ``forward`` and ``loss`` (plus run extensions' terms) under the runt
 guarded optimizer step (`engine.stepping`), log, evaluate, checkpoint. Objectives plug in through
 ``forward``/``loss``/``evaluate``; methods through the parameters they leave trainable; extensions
 through their hooks.
+
+Under several processes (`engine.distributed`) each micro-batch of the plan is a *global* batch of
+``batch_size x world_size`` examples planned identically on every rank; a rank runs its share, its loss
+weighted so that DDP's gradient average is the global-batch mean, and the ranks agree on one number per
+micro-batch (units, non-finite flag, loss, tokens) before any backward, so a NaN seen by one rank skips
+the step on all of them instead of leaving the others waiting in DDP's all-reduce.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import time
 from tqdm.auto import tqdm
 
 from tuneforge.data.batching import num_batches
+from tuneforge.engine.distributed import loss_weight, no_sync, shard
 from tuneforge.engine.loops import FitResult, LoopBase, LoopContext, steps_per_epoch
 from tuneforge.engine.tracking import train_row
 
@@ -26,7 +33,8 @@ class SupervisedLoop(LoopBase):
 
     def __init__(self, ctx: LoopContext):
         cfg = ctx.cfg
-        n_batches = num_batches(ctx.train_data, cfg.batch_size)
+        self.global_micro_batch = cfg.batch_size * ctx.runtime.world_size  # one plan entry, over all ranks
+        n_batches = num_batches(ctx.train_data, self.global_micro_batch)
         self.steps_per_epoch = steps_per_epoch(n_batches, cfg.grad_accum)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
         super().__init__(ctx)
@@ -42,7 +50,7 @@ class SupervisedLoop(LoopBase):
             self.evaluate(baseline=True)
         try:
             while st.step < self.total_steps and not st.stopped_early:
-                plan = self.train_data.plan(st.epoch, cfg.batch_size, seed=cfg.seed, shuffle=True)
+                plan = self.train_data.plan(st.epoch, self.global_micro_batch, seed=cfg.seed, shuffle=True)
                 while st.batch_in_epoch < len(plan) and st.step < self.total_steps:
                     micro = plan[st.batch_in_epoch : st.batch_in_epoch + cfg.grad_accum]
                     t0 = time.perf_counter()
@@ -69,6 +77,8 @@ class SupervisedLoop(LoopBase):
 
     def _step(self, micro: list[list[int]]) -> float | None:
         """One optimizer step over ``micro`` batches; returns the mean loss, or None if skipped."""
+        if self.runtime.world_size > 1:
+            return self._step_distributed(micro)
         st, total, finite = self.state, 0.0, True
         for indices in micro:
             batch = self.runtime.to_device(self.train_data.collate(indices))
@@ -83,6 +93,33 @@ class SupervisedLoop(LoopBase):
             st.samples_seen += len(indices)
             if "attention_mask" in batch:
                 st.tokens_seen += int(batch["attention_mask"].sum())
+        applied = self.stepper.step(st, finite)
+        return total / len(micro) if applied else None
+
+    def _step_distributed(self, micro: list[list[int]]) -> float | None:
+        """`_step` on this rank's share of each global micro-batch (see module docstring)."""
+        st, rt, total, finite = self.state, self.runtime, 0.0, True
+        for i, indices in enumerate(micro):
+            mine = shard(indices, rt.rank, rt.world_size)
+            # A rank whose share is empty (a last batch smaller than the world) still takes part in DDP's
+            # all-reduce: it runs one example with weight 0.
+            batch = rt.to_device(self.train_data.collate(mine or list(indices[:1])))
+            with no_sync(self.module, skip_sync=i < len(micro) - 1):
+                with rt.autocast():
+                    loss, units = self.compute_loss_units(batch, len(mine))
+                units = units if mine else 0
+                value = float(loss.detach())
+                ok = math.isfinite(value)
+                tokens = int(batch["attention_mask"].sum()) if mine and "attention_mask" in batch else 0
+                all_units, bad, weighted, all_tokens = rt.all_reduce_sum(
+                    [units, 0.0 if ok else 1.0, value * units if ok else 0.0, tokens])
+                if bad:
+                    finite = False
+                    break
+                self.stepper.backward(loss * loss_weight(units, all_units, rt.world_size), len(micro))
+            total += weighted / all_units if all_units else 0.0
+            st.samples_seen += len(indices)
+            st.tokens_seen += int(all_tokens)
         applied = self.stepper.step(st, finite)
         return total / len(micro) if applied else None
 

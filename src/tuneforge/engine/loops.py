@@ -113,13 +113,25 @@ class LoopBase:
     # ------------------------------------------------------------------ shared pieces
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The objective's loss on a device batch plus every extension's extra term."""
+        return self._loss_and_outputs(batch)[0]
+
+    def compute_loss_units(self, batch: dict[str, torch.Tensor], n_examples: int) -> tuple[torch.Tensor, int]:
+        """`compute_loss` and the units its mean runs over: scored tokens when the outputs carry ``targets``
+        (`TokenLogits`), else ``n_examples`` (what weights each rank's loss under DDP, `engine.distributed`)."""
+        loss, outputs = self._loss_and_outputs(batch)
+        targets = getattr(outputs, "targets", None)
+        if isinstance(targets, torch.Tensor):  # -100: positions cross-entropy ignores
+            return loss, int((targets != -100).sum())
+        return loss, n_examples
+
+    def _loss_and_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         outputs = self.objective.forward(self.module, batch)
         loss = self.objective.loss(outputs, batch)
         for ext in self.extensions:
             term = ext.extra_loss(self.module, batch, outputs)
             if term is not None:
                 loss = loss + term
-        return loss
+        return loss, outputs
 
     def evaluate(self, baseline: bool = False) -> bool:
         return self.tracker.evaluate(self.module, self.state, self.logger, baseline=baseline)
@@ -134,7 +146,9 @@ class LoopBase:
                  "extensions": {e.name: e.state_dict() for e in self.extensions}}
         path = save_checkpoint(self.ckpt_root, self.model, self.optimizer, self.scheduler, self.state,
                                runtime=self.runtime, extra=extra)
-        rotate_checkpoints(self.ckpt_root, self.cfg.save_total_limit, protect=self.state.best_step)
+        if self.runtime.is_main:  # only rank 0 writes (save_checkpoint gathers the other ranks' RNG states)
+            rotate_checkpoints(self.ckpt_root, self.cfg.save_total_limit, protect=self.state.best_step)
+        self.runtime.barrier()
         return path
 
     def resume(self) -> bool:
@@ -192,3 +206,4 @@ def create_loop(name: str, ctx: LoopContext) -> Loop:
 
 
 register("supervised", "tuneforge.engine.loop:SupervisedLoop")
+register("rollout", "tuneforge.engine.rollout:RolloutLoop")

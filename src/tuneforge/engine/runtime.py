@@ -5,9 +5,11 @@ One object answers the questions every piece of the engine would otherwise answe
 (``train.device``: ``auto`` takes the best present, CUDA then MPS then CPU), which precision
 (``train.precision``: ``auto`` is bf16 autocast on CUDA devices with bf16 and on CPUs with AVX512-BF16 or
 AMX, fp16 autocast with a gradient scaler on older GPUs, fp32 elsewhere; weights always stay fp32), and
-this process's rank, local rank and world size (one process for now: the distributed launcher fills
-them). It moves models and batches, opens the autocast and inference contexts, and carries the RNG
-state of every generator in use (Python, torch CPU, CUDA) for exact resume.
+this process's rank, local rank and world size (read from the launcher's environment: ``torchrun``,
+``accelerate launch``; see `engine.distributed`, which also joins the process group, gloo on CPUs and
+nccl on GPUs, and picks the GPU of the local rank). It moves models and batches, wraps the training
+module for data parallelism (``train.distributed``), opens the autocast and inference contexts, and
+carries the RNG state of every generator in use (Python, torch CPU, CUDA) for exact resume.
 
 Why bf16 autocast and fp32 master weights: on CPUs with AVX-512 BF16 or AMX and on Ampere+ GPUs, bf16
 matmuls run about twice as fast as fp32 while weights, gradients and optimizer state keep fp32, so
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tuneforge.engine import distributed as dist_
 from tuneforge.errors import ConfigError
 
 __all__ = ["Runtime", "available_devices", "cpu_has_bf16", "resolve_device", "resolve_precision"]
@@ -92,6 +95,34 @@ def resolve_precision(requested: str, device: torch.device | str = "cpu") -> str
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _distributed_mode(requested: str, world_size: int) -> str:
+    """``train.distributed`` under a launcher of ``world_size`` > 1 processes -> ``ddp``."""
+    if requested in ("auto", "ddp"):
+        return "ddp"
+    if requested == "fsdp":
+        raise ConfigError("train.distributed=fsdp is not implemented yet (FSDP2 needs sharded checkpoints and the "
+                          "gloo reduction fix of pytorch#162338); use ddp", key="train.distributed")
+    raise ConfigError(f"train.distributed=none but the launcher started {world_size} processes; each would train "
+                      "alone into the same output_dir. Use ddp (or auto), or start one process",
+                      key="train.distributed")
+
+
+def _rank_device(requested: str, local_rank: int) -> torch.device:
+    """The device of this rank: ``cuda:LOCAL_RANK`` when CUDA is asked for (or ``auto`` finds it), else the CPU."""
+    if requested in ("auto", "cuda") and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+                              "start at most that many processes per node", key="train.device")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if requested.startswith("cuda:") or requested == "mps":
+        raise ConfigError(f"train.device={requested} names one device, but {requested} cannot be shared by every "
+                          "rank; use auto, cuda (one GPU per local rank) or cpu", key="train.device")
+    if requested == "cuda":
+        raise ConfigError("train.device=cuda but no GPU is present", key="train.device")
+    return torch.device("cpu")
+
+
 @dataclass
 class Runtime:
     """Device, precision and process placement of one run (see module docstring)."""
@@ -101,17 +132,29 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    distributed: str = "none"  # how the training module is wrapped: none | ddp
+    backend: str = ""  # the process group's backend (gloo, nccl) when world_size > 1
 
     @classmethod
-    def create(cls, device: str = "auto", precision: str = "auto") -> Runtime:
-        """From ``train.device`` / ``train.precision`` values; errors name those keys."""
-        dev = resolve_device(device)
-        return cls(device=dev, precision=resolve_precision(precision, dev))
+    def create(cls, device: str = "auto", precision: str = "auto", distributed: str = "auto") -> Runtime:
+        """From ``train.device`` / ``train.precision`` / ``train.distributed`` values and the launcher's
+        environment; errors name those keys. Under a launcher (``WORLD_SIZE`` > 1) this joins the process group."""
+        place = dist_.env_placement()
+        if distributed == "fsdp":
+            _distributed_mode(distributed, place.world_size)  # refused until implemented
+        if place.world_size == 1:
+            dev = resolve_device(device)
+            return cls(device=dev, precision=resolve_precision(precision, dev))
+        mode = _distributed_mode(distributed, place.world_size)
+        dev = _rank_device(device, place.local_rank)
+        backend = dist_.init_from_env(place, dev)
+        return cls(device=dev, precision=resolve_precision(precision, dev), rank=place.rank,
+                   local_rank=place.local_rank, world_size=place.world_size, distributed=mode, backend=backend)
 
     @classmethod
     def for_run(cls, train_cfg: Any) -> Runtime:
         """The runtime a run's ``train`` block asks for."""
-        return cls.create(train_cfg.device, train_cfg.precision)
+        return cls.create(train_cfg.device, train_cfg.precision, getattr(train_cfg, "distributed", "auto"))
 
     @classmethod
     def cpu(cls, precision: str = "fp32") -> Runtime:
@@ -158,11 +201,35 @@ class Runtime:
         return {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The module that runs forward in training (DDP/FSDP wrapping goes here; one process: itself)."""
+        """The module that runs forward in training: under DDP, ``model`` wrapped (gradients averaged over
+        ranks); in one process, ``model`` itself."""
+        if self.distributed == "ddp":
+            return dist_.wrap_ddp(model, self.device)
         return model
 
+    @staticmethod
+    def unwrap(module: nn.Module) -> nn.Module:
+        """The model inside what `wrap` returned."""
+        return dist_.unwrap(module)
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in one process)."""
+        if self.world_size > 1:
+            dist_.barrier()
+
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over ranks of a few numbers (the values themselves in one process)."""
+        return dist_.all_reduce_sum(values) if self.world_size > 1 else [float(v) for v in values]
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        return dist_.broadcast_object(obj) if self.world_size > 1 else obj
+
     def describe(self) -> str:
-        return f"{self.device} ({self.precision})"
+        where = f"{self.device} ({self.precision})"
+        if self.world_size > 1:
+            where += f", rank {self.rank} of {self.world_size} ({self.distributed}, {self.backend})"
+        return where
 
     # ------------------------------------------------------------------ RNG
     def rng_state(self) -> dict[str, Any]:

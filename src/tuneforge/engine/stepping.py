@@ -5,6 +5,10 @@ advance) and stops with `TrainingError` after ``max_nonfinite`` such steps in a 
 once. Either way the last written checkpoint is intact and ``--resume`` continues from it. Under fp16 the
 gradient scaler owns overflowing gradients behind a finite loss (it skips the update and lowers the scale,
 as it is meant to); those steps are not counted against the policy.
+
+Under DDP every rank takes the same decision: the loop agrees on a non-finite loss across ranks before any
+backward (`engine.loop`), and gradients are averaged before the norm is taken here, so the norm, and with
+it the skip or the stop, is the same number on every rank. Only rank 0 prints the warning.
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ __all__ = ["NonFinitePolicy", "Stepper"]
 class NonFinitePolicy:
     """Counts skipped steps and raises `TrainingError` as ``train.nonfinite`` says."""
 
-    def __init__(self, cfg: TrainConfig, ckpt_root: Path):
-        self.cfg, self.ckpt_root = cfg, ckpt_root
+    def __init__(self, cfg: TrainConfig, ckpt_root: Path, *, say: bool = True):
+        self.cfg, self.ckpt_root, self.say = cfg, ckpt_root, say
 
     def ok(self, state: TrainerState) -> None:
         state.nonfinite_in_a_row = 0
@@ -44,7 +48,8 @@ class NonFinitePolicy:
                 f"{msg} ({state.nonfinite_in_a_row} in a row, policy '{self.cfg.nonfinite}'); {where}. "
                 "Lower train.lr or check the data; resume with --resume."
             )
-        tqdm.write(f"warning: {msg}; update skipped (policy 'skip')")
+        if self.say:
+            tqdm.write(f"warning: {msg}; update skipped (policy 'skip')")
 
 
 class Stepper:
@@ -54,7 +59,7 @@ class Stepper:
                  cfg: TrainConfig, runtime: Runtime, ckpt_root: Path):
         self.optimizer, self.scheduler, self.params, self.cfg = optimizer, scheduler, params, cfg
         self.scaler = runtime.grad_scaler()
-        self.policy = NonFinitePolicy(cfg, ckpt_root)
+        self.policy = NonFinitePolicy(cfg, ckpt_root, say=runtime.is_main)
         self.last_grad_norm: float | None = None
 
     def backward(self, loss: torch.Tensor, n_micro: int) -> None:

@@ -1,4 +1,10 @@
-"""Evaluation bookkeeping any loop reuses: evaluate, log, best checkpoint and early stopping; the train log row."""
+"""Evaluation bookkeeping any loop reuses: evaluate, log, best checkpoint and early stopping; the train log row.
+
+Under several processes, rank 0 evaluates the unwrapped model on the whole validation split while the other
+ranks wait, and its metrics are broadcast so every rank updates the same best-metric and early-stopping
+state (the ranks must agree on when to save and stop). Evaluation is not sharded: metrics such as F1,
+seqeval or SQuAD EM/F1 are not sums over examples, and the objectives compute them from the whole split.
+"""
 
 from __future__ import annotations
 
@@ -42,7 +48,11 @@ class EvalTracker:
         but not a candidate for the best checkpoint (there is none to load) nor counted for early stopping.
         """
         batch_size = self.cfg.eval_batch_size or 2 * self.cfg.batch_size
-        metrics = self.objective.evaluate(module, self.eval_data, batch_size=batch_size, runtime=self.runtime)
+        inner = self.runtime.unwrap(module)  # a DDP wrapper's forward would be a collective
+        metrics = None
+        if self.runtime.is_main:
+            metrics = self.objective.evaluate(inner, self.eval_data, batch_size=batch_size, runtime=self.runtime)
+        metrics = self.runtime.broadcast(metrics)
         module.train()
         self.last = metrics
         scalars = _scalars(metrics)
@@ -65,7 +75,9 @@ class EvalTracker:
             patience = self.cfg.early_stopping_patience
             if patience and state.evals_without_improvement >= patience:
                 state.stopped_early = True
-                tqdm.write(f"early stopping at step {state.step}: {self.metric} has not improved for {patience} evaluations")
+                if self.runtime.is_main:
+                    tqdm.write(f"early stopping at step {state.step}: {self.metric} has not improved for {patience} "
+                               "evaluations")
         self._say(f"eval @ step {state.step}: {shown}")
         return better
 

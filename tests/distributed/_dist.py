@@ -1,0 +1,147 @@
+"""What the distributed tests share: a tiny model without dropout, data, and runs under torchrun (2 CPU
+processes, gloo) or in one process, each with a timeout so that a deadlock fails the test instead of hanging."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "e2e"))
+from _common import cli_env, sentiment_rows, write_csv  # noqa: E402
+
+TIMEOUT = 300  # seconds per launch: a tiny run takes ~15 s; a hang fails here
+
+
+def env() -> dict[str, str]:
+    e = cli_env()
+    e.pop("WORLD_SIZE", None)
+    e.pop("RANK", None)
+    return e
+
+
+def no_dropout_model(name: str, dest: Path) -> Path:
+    """A copy of tiny model ``name`` with every dropout at 0, so runs that consume RNG differently (one process
+    vs two) compute the same function."""
+    from tuneforge.models.registry import resolve_model
+
+    src = resolve_model(name)
+    shutil.copytree(src, dest)
+    cfg = json.loads((dest / "config.json").read_text())
+    for k in list(cfg):
+        if "dropout" in k and isinstance(cfg[k], (int, float)):
+            cfg[k] = 0.0
+    (dest / "config.json").write_text(json.dumps(cfg))
+    return dest
+
+
+def classification_data(d: Path, n: int = 48) -> None:
+    write_csv(d / "train.csv", sentiment_rows(n))
+    write_csv(d / "val.csv", sentiment_rows(12, offset=200))
+
+
+def sft_data(d: Path, n: int = 32) -> None:
+    rows = [{"instruction": f"say {w} {i}", "output": f"{w} " * (1 + i % 5)} for i, w in
+            enumerate(["yes", "no", "maybe", "ok"] * (n // 4))]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
+
+
+def torchrun_cmd(nproc: int, *args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env={**env(), **(extra_env or {})}, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(cmd)} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def train(cwd: Path, nproc: int, *overrides: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``tuneforge train OVERRIDES`` in one process (nproc=1, no launcher) or under torchrun."""
+    args = ["train", *overrides, *flags]
+    cmd = [sys.executable, "-m", "tuneforge", *args] if nproc == 1 else torchrun_cmd(nproc, "-m", "tuneforge", *args)
+    return run(cmd, cwd)
+
+
+def last_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    return load_file(str(ckpts[-1] / "trainable.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert set(a) == set(b)
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("split") == "train" and "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                stat = (p / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(p.name))
+    return kids
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for kv in environ:
+        if kv.startswith(b"RANK="):
+            return int(kv[5:])
+    return None
+
+
+def complete_checkpoints(run_dir: Path) -> list[int]:
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name[5:]) for p in root.glob("step-*") if (p / "state.json").is_file())
+
+
+def kill_rank_after_checkpoint(cwd: Path, run_dir: Path, kill_rank: int, min_step: int, *args: str) -> int:
+    """Start ``tuneforge train ARGS`` under torchrun (2 processes); SIGKILL the worker of ``kill_rank`` once a
+    complete checkpoint at step >= ``min_step`` exists; returns the launcher's exit code."""
+    proc = subprocess.Popen(torchrun_cmd(2, "-m", "tuneforge", "train", *args), cwd=cwd, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while True:
+            assert proc.poll() is None, f"training ended (rc={proc.returncode}) before the kill"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            if [s for s in complete_checkpoints(run_dir) if s >= min_step]:
+                victims = [p for p in _children(proc.pid) if _rank_of(p) == kill_rank]
+                if victims:
+                    os.kill(victims[0], signal.SIGKILL)
+                    break
+            time.sleep(0.02)
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
