@@ -150,7 +150,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
                 f"{run.train.grad_accum} accumulation = {run.train.batch_size * runtime.world_size * run.train.grad_accum}")
     resume_step = loop.state.step if resumed else None
     logs = (MetricsLogger(run_dir, resume_step=resume_step,
-                          trackers=trackers.start(run_dir, run.model_dump(mode="json"), resume_step))
+                          trackers=trackers.start(run_dir, resume_step))
             if runtime.is_main else _NoLogger())
     with logs as logger:
         loop.logger = logger

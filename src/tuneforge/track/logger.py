@@ -1,9 +1,9 @@
-"""Metrics logging: one JSON object per line in ``metrics.jsonl``, mirrored to TensorBoard.
+"""Metrics logging: one JSON object per line in ``metrics.jsonl``, mirrored to the run's trackers.
 
-The JSONL file is the source of truth (plots and reports are rebuilt from it); TensorBoard is
-a convenience and is skipped with a single warning if it cannot be imported. Lines are flushed
-as they are written, so a crash loses at most the line being written; ``read_metrics`` skips
-such a truncated last line. On resume the file is cut back to the resumed step so the run's
+The JSONL file is the source of truth (plots and reports are rebuilt from it); the trackers
+(TensorBoard by default, MLflow, W&B: ``train.report_to``, see `tuneforge.track.trackers`) are
+mirrors. Lines are flushed as they are written, so a crash loses at most the line being written;
+``read_metrics`` skips such a truncated last line. On resume the file is cut back to the resumed step so the run's
 history has no duplicated or "ghost" records from steps that were later recomputed.
 """
 
@@ -18,20 +18,11 @@ from types import TracebackType
 from typing import Any
 
 from tuneforge.track.atomic import atomic_write_text, to_jsonable
+from tuneforge.track.trackers import Trackers
 
 __all__ = ["METRICS_FILE", "MetricsLogger", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
-
-_tb_warned = False
-
-
-def _warn_tensorboard(exc: BaseException) -> None:
-    global _tb_warned
-    if not _tb_warned:
-        _tb_warned = True
-        warnings.warn(f"TensorBoard logging disabled: {exc}", RuntimeWarning, stacklevel=3)
 
 
 def _dumps(record: dict[str, Any]) -> str:
@@ -66,34 +57,26 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return _parse_lines(text, path)
 
 
-def _as_scalar(value: Any) -> float | None:
-    """A float for TensorBoard, or None for non-numeric values (bools and strings included)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
-        try:
-            item = value.item()
-        except Exception:
-            return None
-        return _as_scalar(item)
-    return None
-
-
 class MetricsLogger:
-    """Appends one JSON object per line to run_dir/metrics.jsonl and mirrors scalars to TensorBoard (run_dir/tensorboard)."""
+    """Appends one JSON object per line to run_dir/metrics.jsonl and mirrors the scalars to ``trackers``.
 
-    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_step: int | None = None) -> None:
+    ``trackers``: a started `Trackers` session owned by the caller (the pipeline, which finishes it once the
+    report exists); on an exception leaving the ``with`` block it is closed as failed (killed on Ctrl-C).
+    Without one, ``tensorboard=True`` mirrors to run_dir/tensorboard through a session this logger owns.
+    """
+
+    def __init__(self, run_dir: Path, *, tensorboard: bool = True, resume_step: int | None = None,
+                 trackers: Trackers | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
         self.resume_step = resume_step
         self._repair(resume_step)
         self._fh = self.path.open("a", encoding="utf-8")
-        self._writer: Any = None
-        if tensorboard:
-            self._open_tensorboard(resume_step)
+        self._owned = trackers is None
+        if trackers is None:
+            trackers = Trackers(["tensorboard"] if tensorboard else []).start(self.run_dir, resume_step=resume_step)
+        self.trackers = trackers
 
     def _repair(self, resume_step: int | None) -> None:
         """Drop records after ``resume_step`` and any truncated trailing line, atomically."""
@@ -107,20 +90,6 @@ class MetricsLogger:
             records = [r for r in records if _step_of(r) is not None and _step_of(r) <= resume_step]
         atomic_write_text(self.path, "".join(_dumps(r) + "\n" for r in records))
 
-    def _open_tensorboard(self, resume_step: int | None) -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception as exc:  # ImportError, or a broken tensorboard/protobuf install
-            _warn_tensorboard(exc)
-            return
-        kwargs: dict[str, Any] = {}
-        if resume_step is not None:
-            kwargs["purge_step"] = resume_step + 1
-        try:
-            self._writer = SummaryWriter(log_dir=str(self.run_dir / TENSORBOARD_DIR), **kwargs)
-        except Exception as exc:
-            _warn_tensorboard(exc)
-
     def log(self, step: int, split: str, metrics: dict[str, float], **extra: Any) -> None:
         """Append ``{"step", "split", **metrics, **extra, "time"}``; non-finite floats become null."""
         if self._fh.closed:
@@ -128,24 +97,20 @@ class MetricsLogger:
         record: dict[str, Any] = {"step": int(step), "split": split, **metrics, **extra, "time": time.time()}
         self._fh.write(_dumps(record) + "\n")
         self._fh.flush()
-        if self._writer is not None:
-            for name, value in metrics.items():
-                scalar = _as_scalar(value)
-                if scalar is not None:
-                    self._writer.add_scalar(f"{split}/{name}", scalar, global_step=int(step))
+        self.trackers.log(int(step), split, metrics)
 
     def flush(self) -> None:
-        """Push buffered TensorBoard events to disk (the JSONL file is flushed on every line)."""
-        if self._writer is not None:
-            self._writer.flush()
+        """Push buffered tracker events (TensorBoard's) to disk (the JSONL file is flushed on every line)."""
+        self.trackers.flush()
 
-    def close(self) -> None:
-        """Close the JSONL file and the TensorBoard writer; safe to call more than once."""
+    def close(self, status: str = "finished") -> None:
+        """Close the JSONL file; close the trackers if this logger owns them (else only flush them)."""
         if not self._fh.closed:
             self._fh.close()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._owned:
+            self.trackers.close(status)
+        else:
+            self.trackers.flush()
 
     def __enter__(self) -> MetricsLogger:
         return self
@@ -157,6 +122,8 @@ class MetricsLogger:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+        if exc_type is not None:
+            self.trackers.close("killed" if issubclass(exc_type, KeyboardInterrupt) else "failed")
 
 
 def _step_of(record: dict[str, Any]) -> float | None:
