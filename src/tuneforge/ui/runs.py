@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,6 +246,8 @@ def summarize(folder: RunsFolder, run_dir: Path, job: dict[str, Any] | None = No
     name, best, step = _best(records, train, cfg)
     times = [r["time"] for r in records if isinstance(r.get("time"), (int, float))]
     start = min([*times, (run_dir / "config.yaml").stat().st_mtime]) if (run_dir / "config.yaml").exists() else None
+    if job is not None and isinstance(job.get("started"), (int, float)):
+        start = job["started"]
     if status == "finished" and (run_dir / "metrics.json").exists():
         end: float | None = (run_dir / "metrics.json").stat().st_mtime
     elif status == "running":
@@ -252,11 +255,24 @@ def summarize(folder: RunsFolder, run_dir: Path, job: dict[str, Any] | None = No
     else:
         end = max(times, default=None)
     steps = [r["step"] for r in records if r.get("split") == "train" and isinstance(r.get("step"), int)]
+    wall = _report_wall(run_dir) if status == "finished" else None
+    if wall is None and start is not None and end is not None:
+        wall = end - start
     return RunSummary(
         id=folder.rel(run_dir), task=_name(cfg.get("task"), "?"), method=_name(cfg.get("method"), "?"),
         model=_name(cfg.get("model"), "?"), status=status, metric=name, best=best, best_step=step,
-        wall_s=(end - start) if start is not None and end is not None else None,
+        wall_s=wall,
         step=max(steps, default=None), updated=_mtime(run_dir), job=job)
+
+
+def _report_wall(run_dir: Path) -> float | None:
+    """The whole run's wall time as ``report.md`` states it (model loading included)."""
+    try:
+        text = (run_dir / "report.md").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    m = re.search(r"^\| wall time \| ([\d.]+) s", text, re.M)
+    return float(m.group(1)) if m else None
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -32,12 +32,13 @@ const TF = (() => {
       title, width: Math.max(360, el.clientWidth - 10), height: 250, scales: { x: { time: false } },
       series: [{ label: "step" }, ...live.map((s, i) => ({ label: s.name, stroke: COLORS[i % COLORS.length], width: 1.6,
         spanGaps: true, points: { show: s.points.length < 40 } }))],
-      axes: [{ label: "step" }, {}],
+      axes: [{ label: "step" }, { size: 64, values: (u, vals) => vals.map(fmt) }],
     };
     el._u = new uPlot(opts, data, el);
     el._key = key;
   }
 
+  const fmt = (v) => v == null ? "" : (v !== 0 && Math.abs(v) < 1e-3 ? v.toExponential(1) : String(+v.toPrecision(4)));
   const pts = (records, split, key) => records.filter((r) => r.split === split && typeof r[key] === "number")
     .map((r) => [r.step, r[key]]);
   const evalKeys = (records) => [...new Set(records.filter((r) => r.split === "eval")
