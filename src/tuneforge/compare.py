@@ -35,6 +35,7 @@ from typing import Any
 from tuneforge.config import RunConfig, load_config
 from tuneforge.errors import ConfigError
 from tuneforge.track.atomic import atomic_write_bytes, atomic_write_text
+from tuneforge.track.rundir import model_folder
 
 __all__ = ["CompareResult", "MethodResult", "compare", "default_compare_dir", "split_overrides"]
 
@@ -196,7 +197,7 @@ def _run_method(recipe, overrides: list[str], method: str, run: RunConfig, out: 
     row.train_seconds = metrics["train"].get("train_seconds")
     row.trainable_params, row.total_params = metrics["train"]["trainable_params"], metrics["train"]["total_params"]
     row.trainable_pct = 100.0 * row.trainable_params / row.total_params
-    row.saved_bytes = weights_bytes(run_dir / "model")
+    row.saved_bytes = weights_bytes(model_folder(run_dir))
     try:
         _measure_model(row, run, run_dir, repeats)
     except Exception as e:  # keep the other methods' hours of training; the row says what went wrong
@@ -220,14 +221,14 @@ def _measure_model(row: MethodResult, run: RunConfig, run_dir: Path, repeats: in
     path, _ = model_source(run)
     data = objective.load_data(run)
     method = get_method(run.method.name).runtime()
-    saved = objective.from_saved(run_dir / "model")
+    saved = objective.from_saved(model_folder(run_dir))
     batches = objective.prepare(data.splits["validation"], saved.tokenizer, run)
     batch = runtime.to_device(batches.collate(list(range(min(LATENCY_BATCH, len(batches))))))
     batch.pop("labels", None)
     set_seed(run.train.seed)
     models = [objective.build(run, path, data).model, saved.model]
     if method.merge is not None:
-        models.append(method.merge(objective.from_saved(run_dir / "model").model))
+        models.append(method.merge(objective.from_saved(model_folder(run_dir)).model))
     elif method.merge_unsupported is not None:
         row.merged_note = f"n/a ({method.merge_unsupported})"
     else:

@@ -29,6 +29,7 @@ def embed_file(target: Path, input_file: Path, output: Path, overrides: list[str
     from tuneforge.models.registry import resolve_model
     from tuneforge.objectives import get_objective, get_spec
     from tuneforge.track.atomic import atomic_write_bytes, atomic_write_text
+    from tuneforge.track.rundir import model_folder
 
     if output.suffix not in (".npy", ".jsonl"):
         raise ConfigError(f"--output must end in .npy or .jsonl, got {output.name}")
@@ -37,7 +38,7 @@ def embed_file(target: Path, input_file: Path, output: Path, overrides: list[str
         if not get_spec(run.task.name).embeds:
             raise ConfigError(f"{target} is a '{run.task.name}' run, which does not produce sentence vectors; "
                               "embed a task=contrastive run or a model", key="task")
-        folder = target / "model"
+        folder = model_folder(target)
     else:
         run = load_config(None, [f"model={target}", "task=contrastive", *overrides])
         folder = resolve_model(run.model.name)

@@ -26,6 +26,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from tuneforge.config.schema import StrictModel
 from tuneforge.errors import ConfigError
+from tuneforge.track.rundir import model_folder
 
 __all__ = ["GenerationOptions", "LoadedModel", "generate", "load_model", "parse_options", "stream_reply"]
 
@@ -109,7 +110,7 @@ def load_model(target: str | Path, device: str = "auto") -> LoadedModel:
     where = resolve_device(device)  # an absent device fails before any weights load
     run_dir = Path(str(target))
     system_prompt, chat = None, None
-    if (run_dir / "config.yaml").is_file() and (run_dir / "model" / "config.json").is_file():
+    if (run_dir / "config.yaml").is_file() and (model_folder(run_dir) / "config.json").is_file():
         from tuneforge.config import load_config
         from tuneforge.objectives import OBJECTIVES, get_spec
 
@@ -118,7 +119,7 @@ def load_model(target: str | Path, device: str = "auto") -> LoadedModel:
         if not spec.generative:
             allowed = ", ".join(n for n, s in OBJECTIVES.items() if s.generative)
             raise ConfigError(f"{run_dir} is a '{run.task.name}' run; generation needs a causal LM run (task {allowed})")
-        folder, chat = run_dir / "model", spec.chat
+        folder, chat = model_folder(run_dir), spec.chat
         system_prompt = run.task.model_dump().get("system_prompt")
     else:
         folder = resolve_model(str(target))

@@ -19,6 +19,7 @@ from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval import flatten_metrics
 from tuneforge.objectives import get_objective
 from tuneforge.track import atomic_write_text
+from tuneforge.track.rundir import model_folder
 
 __all__ = ["evaluate_file", "load_run", "predict_texts", "validate_run", "write_predictions"]
 
@@ -27,7 +28,7 @@ def load_run(run_dir: Path, overrides: list[str], task: str | None = None) -> Ru
     """The saved config of ``run_dir`` with ``overrides`` applied; ``task`` picks one task of a multi-task
     run (its task config has a ``select`` field) and is refused for a single-task run."""
     cfg_file = run_dir / "config.yaml"
-    if not (run_dir / "model" / "config.json").is_file() or not cfg_file.is_file():
+    if not (model_folder(run_dir) / "config.json").is_file() or not cfg_file.is_file():
         raise ConfigError(f"{run_dir} is not a finished tuneforge run (no config.yaml and model/)")
     run = load_config(cfg_file, overrides)
     if task is None:
@@ -43,7 +44,7 @@ def _runtime(run: RunConfig, run_dir: Path, model_dir: Path | None = None):
     runtime and the evaluation batch size."""
     runtime = Runtime.for_run(run.train)
     objective = get_objective(run)
-    built = objective.from_saved(model_dir or run_dir / "model")
+    built = objective.from_saved(model_dir or model_folder(run_dir))
     built.model = runtime.move(built.model)
     batch_size = run.train.eval_batch_size or 2 * run.train.batch_size
     return objective, built, runtime, batch_size

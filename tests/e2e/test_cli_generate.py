@@ -93,7 +93,7 @@ def test_merged_run_generates_the_same_in_plain_transformers(sft_run, tmp_path: 
 
     run_dir, _ = sft_run
     merge_run(run_dir, tmp_path / "merged")
-    folder = tmp_path / "merged" / "model"
+    folder = tmp_path / "merged"
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     msgs = [{"role": "system", "content": "Answer twice."}, {"role": "user", "content": "say sun"}]

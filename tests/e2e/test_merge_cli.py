@@ -1,6 +1,7 @@
-"""``tuneforge merge`` as a user runs it: a LoRA run merges into a folder that plain transformers loads with
-the same outputs; a prefix run is refused with exit 2 and the reason,
-and ``--export`` writes a self-contained folder that ``predict`` reads like the run itself."""
+"""``tuneforge merge`` as a user runs it: a LoRA run merges into a folder that plain transformers loads directly
+(``from_pretrained(OUT)``, model and tokenizer) with the run's logits; tuneforge's recipe sits beside the HF files
+so predict reads it like the run, and folders merged in the older layout (``OUT/model/``) still read; a prefix run
+is refused with exit 2 and the reason, and ``--export`` writes a self-contained folder that ``predict`` reads."""
 
 from __future__ import annotations
 
@@ -58,17 +59,16 @@ def test_merge_lora_loads_in_plain_transformers(tmp_path: Path) -> None:
     out = tmp_path / "merged"
     proc = _cli("merge", str(run), str(out))
     assert proc.returncode == 0, proc.stderr
-    assert f"merged 'lora' into {out / 'model'}" in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "merge.json", "model"]
-    files = {p.name for p in (out / "model").iterdir()}
-    assert {"config.json", "model.safetensors", "labels.json", "tokenizer.json"} <= files
-    assert not files & {"adapter_config.json", "adapter_model.safetensors", "tuneforge_method.json"}
+    assert f"merged 'lora' into {out} " in proc.stdout
+    files = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "labels.json", "tokenizer.json", "config.yaml", "merge.json"} <= files
+    assert not files & {"model", "adapter_config.json", "adapter_model.safetensors", "tuneforge_method.json"}
     assert json.loads((out / "merge.json").read_text())["probe_max_abs_logit_diff"] < 1e-4
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    plain = AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
-    tok = AutoTokenizer.from_pretrained(out / "model")
+    plain = AutoModelForSequenceClassification.from_pretrained(out).eval()  # the folder itself, no subfolder
+    tok = AutoTokenizer.from_pretrained(out)
     built = ClassificationObjective(load_config(run / "config.yaml")).from_saved(run / "model")  # unmerged, via peft
     with torch.no_grad():
         merged_logits = plain(**tok(TEXTS, padding=True, return_tensors="pt")).logits
@@ -80,6 +80,12 @@ def test_merge_lora_loads_in_plain_transformers(tmp_path: Path) -> None:
     assert [r["label"] for r in as_merged] == [r["label"] for r in as_run]
     for a, b in zip(as_run, as_merged, strict=True):
         assert all(abs(a[k] - b[k]) < 1e-4 for k in a if k.startswith("p_"))
+    # a folder merged before the flat layout (HF files under OUT/model/) still reads
+    old = tmp_path / "merged-old"
+    (old / "model").mkdir(parents=True)
+    for f in out.iterdir():
+        f.rename((old / f.name) if f.name in ("config.yaml", "merge.json") else (old / "model" / f.name))
+    assert predict_texts(old, TEXTS, None, []) == as_merged
 
 
 def test_merge_refuses_prefix_and_exports_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -99,9 +105,9 @@ def test_merge_refuses_prefix_and_exports_it(tmp_path: Path, monkeypatch: pytest
 
     res = merge_run(run, out, export=True)
     assert res.kind == "exported"
-    manifest = read_manifest(out / "model")
-    assert manifest["base_model"] == str((out / "model" / "base").resolve())
-    assert (out / "model" / "base" / "model.safetensors").is_file()
+    manifest = read_manifest(out)
+    assert manifest["base_model"] == str((out / "base").resolve())
+    assert (out / "base" / "model.safetensors").is_file()
     assert predict_texts(out, TEXTS, None, []) == predict_texts(run, TEXTS, None, [])
 
 
@@ -109,4 +115,7 @@ def test_merge_copies_a_plain_run(tmp_path: Path) -> None:
     run = _train(tmp_path, "full")
     res = merge_run(run, tmp_path / "out")
     assert res.kind == "copied"
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")  # plain weights load as they are
     assert predict_texts(tmp_path / "out", TEXTS, None, []) == predict_texts(run, TEXTS, None, [])

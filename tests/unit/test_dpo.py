@@ -129,7 +129,7 @@ def test_cli_train_eval_json_and_bad_inputs(pairs, tmp_path: Path) -> None:
                          cwd=tmp_path).stdout.strip().splitlines()[-1])
     assert gen["prompt"] == "what do you think of the car?" and isinstance(gen["generation"], str)
     assert "merged 'lora'" in cli("merge", "run", "merged", cwd=tmp_path).stdout
-    assert (tmp_path / "merged" / "model" / "config.json").is_file()
+    assert (tmp_path / "merged" / "config.json").is_file()
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"},
                                                {"prompt": "p", "chosen": "a", "rejected": "b"},
                                                {"prompt": "p", "chosen": "a"}])

@@ -138,7 +138,7 @@ def test_merge_task_writes_a_plain_transformers_model_with_equal_logits(files: d
     train(run, quiet=True)
     res = merge_run(out, tmp_path / "ner-only", task="ner")
     assert res.kind == "task" and res.max_abs_diff < 1e-5
-    plain = AutoModelForTokenClassification.from_pretrained(tmp_path / "ner-only" / "model").eval()
+    plain = AutoModelForTokenClassification.from_pretrained(tmp_path / "ner-only").eval()
     multi = get_objective(load_config(out / "config.yaml", ["task.select=ner"])).from_saved(out / "model").model
     ids = torch.tensor([[2, 15, 27, 31, 3]])
     with torch.no_grad():

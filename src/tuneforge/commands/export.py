@@ -14,18 +14,19 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def merge(
         run_dir: Annotated[Path, typer.Argument(help="a run directory written by `tuneforge train`")],
-        out_dir: Annotated[Path, typer.Argument(help="where the merged run-like folder goes (OUT_DIR/model is plain HF)")],
+        out_dir: Annotated[Path, typer.Argument(help="where the merged folder goes: a plain HF folder "
+                                              "(from_pretrained(OUT_DIR)) with tuneforge's config.yaml beside")],
         export: Annotated[bool, typer.Option("--export", help="for methods that cannot merge (prefix, prompt...): "
                                              "write a self-contained folder with a copy of the base model")] = False,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty OUT_DIR")] = False,
         task: Annotated[str | None, typer.Option("--task", help="multi-task runs: write this one task as a plain "
-                                                  "single-task run (OUT_DIR/model loads in transformers)")] = None,
+                                                  "single-task run (OUT_DIR loads in transformers)")] = None,
     ) -> None:
-        """Merge LoRA / DoRA / IA3 / QLoRA weights into the base model: OUT_DIR/model loads in plain transformers."""
+        """Merge LoRA / DoRA / IA3 / QLoRA weights into the base model: OUT_DIR loads in plain transformers."""
         from tuneforge.export import merge_run
 
         res = merge_run(run_dir, out_dir, export=export, overwrite=overwrite, task=task)
-        model = res.out_dir / "model"
+        model = res.out_dir
         if res.kind == "merged":
             typer.echo(f"merged '{res.method}' into {model} (merged vs unmerged logits on a probe batch: max "
                        f"|diff| {res.max_abs_diff:.2e}); it loads with transformers alone (from_pretrained)")
@@ -56,7 +57,7 @@ def register(app: typer.Typer) -> None:
             from tuneforge.export import merge_run
 
             res = merge_run(run_dir, out_dir, overwrite=overwrite)
-            typer.echo(f"{res.kind} '{res.method}' into {res.out_dir / 'model'}")
+            typer.echo(f"{res.kind} '{res.method}' into {res.out_dir}")
             return
         if format != "onnx":
             raise ConfigError(f"unknown export format '{format}'; allowed: onnx, hf", key="--format")

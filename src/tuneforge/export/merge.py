@@ -2,22 +2,26 @@
 
 The method's declared ``merge(model)`` (`MethodRuntime`, see `tuneforge.methods.saved`) turns the trained model into the
 base architecture with the update folded into its weights (LoRA/DoRA/IA3 via peft, QLoRA after
-dequantising). OUT_DIR is then laid out like a run directory, so ``tuneforge predict/eval OUT_DIR`` work,
-while ``OUT_DIR/model`` is a plain Hugging Face folder that transformers loads without tuneforge or peft:
+dequantising). OUT_DIR is a plain Hugging Face folder that transformers loads without tuneforge or peft
+(``AutoModelFor....from_pretrained(OUT_DIR)``, ``AutoTokenizer.from_pretrained(OUT_DIR)``), with tuneforge's
+own two files beside the HF ones so that ``tuneforge predict/eval/serve OUT_DIR`` work as on the run:
 
+    OUT_DIR/config.json, model.safetensors, tokenizer files, labels.json    save_pretrained + side files
     OUT_DIR/config.yaml        the run's recipe (task and data layout for predict/eval)
-    OUT_DIR/model/             save_pretrained weights + config, tokenizer, labels.json
     OUT_DIR/merge.json         what was merged, from where, and the merged-vs-unmerged probe difference
+
+Readers find the model of either layout with `tuneforge.track.rundir.model_folder` (folders merged before
+this layout, with the HF files in ``OUT_DIR/model/``, still read).
 
 Methods that cannot be merged (prefix, prompt: extra inputs, not weights) say why in ``merge_unsupported``;
 merge then stops with that reason (exit 2) unless ``export=True``, which writes a self-contained folder
-instead: the method weights, a copy of the base model under ``model/base`` and a manifest pointing there,
+instead: the method weights, a copy of the base model under ``base/`` and a manifest pointing there,
 loadable by tuneforge (the manifest holds an absolute path, so move such a folder by exporting again).
 Runs whose model is already a plain folder (full, frozen, partial) are copied as they are.
 
 ``--task NAME`` on a multi-task run writes that one task as a single-task run: the method folded in, the
 task's head on its own copy of the backbone, its label set and tokenizer, and the single-task recipe, so
-OUT_DIR is evaluated and predicted with like any classification/NER/QA run.
+OUT_DIR is evaluated and predicted with like any classification/NER/QA run (and loads in transformers).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from tuneforge.methods._peft import task_type
 from tuneforge.methods.saved import METHOD_FILE, load_trained, read_manifest
 from tuneforge.objectives import get_spec
 from tuneforge.track import atomic_directory, atomic_write_json
+from tuneforge.track.rundir import model_folder
 
 __all__ = ["MergeResult", "MergeUnsupportedError", "merge_run"]
 
@@ -69,7 +74,7 @@ def merge_run(run_dir: Path, out_dir: Path, *, export: bool = False, overwrite: 
     ``task``: one task of a multi-task run, written as a plain single-task run (`_merge_task`)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     run = load_run(run_dir, [], task)
-    model_dir = run_dir / "model"
+    model_dir = model_folder(run_dir)
     if out_dir.resolve() == run_dir.resolve() or out_dir.resolve().is_relative_to(model_dir.resolve()):
         raise ConfigError(f"the output {out_dir} must be outside the run directory {run_dir}")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -79,7 +84,7 @@ def merge_run(run_dir: Path, out_dir: Path, *, export: bool = False, overwrite: 
     manifest = read_manifest(model_dir)
     if manifest is None:
         with atomic_directory(out_dir) as tmp:
-            shutil.copytree(model_dir, tmp / "model")
+            shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
             _finish(tmp, run_dir, {"kind": "copied", "method": run.method.name})
         return MergeResult(out_dir, "copied", run.method.name)
 
@@ -101,8 +106,8 @@ def merge_run(run_dir: Path, out_dir: Path, *, export: bool = False, overwrite: 
         merged = merge(model).eval()
         diff = float((merged(**probe).logits.float() - before).abs().max())
     with atomic_directory(out_dir) as tmp:
-        merged.save_pretrained(tmp / "model")
-        _copy_side_files(model_dir, tmp / "model")
+        merged.save_pretrained(tmp)
+        _copy_side_files(model_dir, tmp)
         _finish(tmp, run_dir, {"kind": "merged", "method": method, "options": manifest["options"],
                                "base_model": manifest["base_model"], "probe_max_abs_logit_diff": diff})
     return MergeResult(out_dir, "merged", method, diff)
@@ -140,7 +145,7 @@ def _merge_task(run: Any, run_dir: Path, out_dir: Path, task: str) -> MergeResul
     from tuneforge.objectives import get_objective
     from tuneforge.objectives.configs.multitask import sub_run
 
-    model_dir = run_dir / "model"
+    model_dir = model_folder(run_dir)
     manifest = read_manifest(model_dir)
     method = manifest["method"] if manifest else run.method.name
     merge = get_method(method).runtime().merge if manifest else (lambda m: m)
@@ -156,9 +161,9 @@ def _merge_task(run: Any, run_dir: Path, out_dir: Path, task: str) -> MergeResul
         single = merge(model).eval().task_model(task).eval()
         diff = float((single(**probe).logits.float() - before).abs().max())
     with atomic_directory(out_dir) as tmp:
-        single.save_pretrained(tmp / "model")
+        single.save_pretrained(tmp)
         for f in (model_dir / "tasks" / task).iterdir():
-            shutil.copy2(f, tmp / "model" / f.name)
+            shutil.copy2(f, tmp / f.name)
         (tmp / "config.yaml").write_text(to_yaml(sub_run(run, task)), encoding="utf-8")
         atomic_write_json(tmp / "merge.json", {"source_run": str(run_dir.resolve()), "kind": "task", "task": task,
                                                "method": method, "probe_max_abs_logit_diff": diff})
@@ -175,14 +180,14 @@ def _export(run_dir: Path, out_dir: Path, manifest: dict[str, Any]) -> MergeResu
     base = Path(manifest["base_model"])
     if not (base / "config.json").is_file():
         raise ConfigError(f"the base model {base} of this run is no longer there; cannot export")
-    final_base = out_dir.resolve() / "model" / "base"
+    final_base = out_dir.resolve() / "base"
     with atomic_directory(out_dir) as tmp:
-        shutil.copytree(run_dir / "model", tmp / "model")
-        (tmp / "model" / "base").mkdir()
+        shutil.copytree(model_folder(run_dir), tmp, dirs_exist_ok=True)
+        (tmp / "base").mkdir()
         for f in base.iterdir():
             if f.is_file() and (f.name in _BASE_FILES or f.name.endswith((*_WEIGHT_SUFFIXES, ".index.json"))):
-                shutil.copy2(f, tmp / "model" / "base" / f.name)
-        atomic_write_json(tmp / "model" / METHOD_FILE, {**manifest, "base_model": str(final_base)})
+                shutil.copy2(f, tmp / "base" / f.name)
+        atomic_write_json(tmp / METHOD_FILE, {**manifest, "base_model": str(final_base)})
         _finish(tmp, run_dir, {"kind": "exported", "method": manifest["method"], "base_model": str(final_base),
                                "original_base_model": str(base)})
     return MergeResult(out_dir, "exported", manifest["method"])

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from tuneforge.errors import ConfigError, TuneforgeError
+from tuneforge.track.rundir import model_folder
 
 __all__ = ["OPSET", "TOLERANCE", "ExportVerificationError", "OrtModel", "export_onnx"]
 
@@ -103,7 +104,7 @@ def _plain_model(run_dir: Path) -> tuple[Any, Any, nn.Module, Any]:
     if not (spec.task_head or spec.embeds or spec.generative):
         raise ConfigError(f"'{run.task.name}' runs are not exported to ONNX; for a multi-task run export one task: "
                           f"`tuneforge merge {run_dir} OUT --task NAME`, then `tuneforge export OUT ...`", key="task")
-    model_dir = run_dir / "model"
+    model_dir = model_folder(run_dir)
     manifest = read_manifest(model_dir)
     model = load_trained(spec.model_cls(), model_dir, dtype=torch.float32).eval()
     if manifest is not None:
@@ -187,7 +188,7 @@ def export_onnx(run_dir: Path, out_dir: Path, *, int8: bool = False, data: Path 
         info["latency_ms"] = _latency(plain, sessions, tokenizer, inputs)
         if data is not None:
             info["metrics"] = _score(run, run_dir, {"pytorch": model, **sessions}, Path(data))
-        _copy_side_files(run_dir / "model", tmp)
+        _copy_side_files(model_folder(run_dir), tmp)
         atomic_write_json(tmp / "export.json", info)
     return info
 
@@ -212,10 +213,10 @@ def _score(run: Any, run_dir: Path, models: dict[str, Any], data: Path) -> dict[
     from tuneforge.objectives import get_objective
 
     objective = get_objective(run)
-    objective.from_saved(run_dir / "model")  # the label set and the like
+    objective.from_saved(model_folder(run_dir))  # the label set and the like
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+    tokenizer = AutoTokenizer.from_pretrained(model_folder(run_dir))
     batches = objective.prepare(objective.read_split(data), tokenizer, run)
     bs = run.train.eval_batch_size or 2 * run.train.batch_size
     scores = {}

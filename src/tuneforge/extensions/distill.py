@@ -28,6 +28,7 @@ from torch import nn
 
 from tuneforge.errors import ConfigError, TrainingError
 from tuneforge.extensions.base import Extension, RunContext
+from tuneforge.track.rundir import model_folder
 
 __all__ = ["Distill", "create", "kd_loss"]
 
@@ -66,7 +67,7 @@ class Distill(Extension):
 
         path = Path(self.cfg.teacher)
         if (path / "config.yaml").is_file():
-            built = get_objective(load_run(path, [])).from_saved(path / "model")
+            built = get_objective(load_run(path, [])).from_saved(model_folder(path))
         else:
             built = get_objective(self.run).from_saved(path)  # a fresh objective: ours keeps its label set
         return ctx.runtime.move(built.model).eval().requires_grad_(False)

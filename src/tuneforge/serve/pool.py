@@ -29,6 +29,7 @@ from typing import Any, Literal
 from tuneforge.errors import ConfigError
 from tuneforge.serve.errors import APIError
 from tuneforge.serve.schemas import ModelCard
+from tuneforge.track.rundir import is_run_dir, model_folder
 
 __all__ = ["ModelPool", "Served", "task_routes"]
 
@@ -81,7 +82,7 @@ class Served:
 
 
 def _is_run(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "model" / "config.json").is_file()
+    return is_run_dir(path)
 
 
 def _run_chat(run_dir: Path) -> tuple[bool | None, str | None]:
@@ -195,7 +196,7 @@ class ModelPool:
                               f"encoders (task=contrastive) and {', '.join(task_routes())} runs", key="task")
         runtime = Runtime.create(self.device, "fp32")
         objective = get_objective(run)
-        built = objective.from_saved(run_dir / "model")
+        built = objective.from_saved(model_folder(run_dir))
         built.model = runtime.move(built.model).eval()
         return self._add(Served(name, "task", str(run_dir), built.tokenizer, chat=False, task=run.task.name,
                                 objective=objective, built=built, runtime=runtime))
@@ -220,7 +221,7 @@ class ModelPool:
         folder = path
         if _is_run(path):
             chat, system = _run_chat(path)
-            folder = path / "model"
+            folder = model_folder(path)
         manifest = read_manifest(folder)
         if manifest is None:
             raise APIError(400, f"{path} holds a whole model, not an adapter (its method saved every weight): serve "
