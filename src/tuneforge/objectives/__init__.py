@@ -23,6 +23,7 @@ from tuneforge.objectives.configs.dpo import DpoConfig, KtoConfig, SimpoConfig
 from tuneforge.objectives.configs.extractive_qa import ExtractiveQAConfig
 from tuneforge.objectives.configs.mlm import MLMConfig
 from tuneforge.objectives.configs.multitask import MultiTaskConfig
+from tuneforge.objectives.configs.ppo import GrpoConfig, PpoConfig
 from tuneforge.objectives.configs.reward import RewardConfig
 from tuneforge.objectives.configs.sft import SftConfig
 from tuneforge.objectives.configs.span_corruption import SpanCorruptionConfig
@@ -55,3 +56,5 @@ register(ObjectiveSpec("simpo", SimpoConfig, "tuneforge.objectives.simpo", chat=
 register(ObjectiveSpec("kto", KtoConfig, "tuneforge.objectives.kto", chat=True, **_LM))
 
 __all__ = ["OBJECTIVES", "Built", "Objective", "ObjectiveSpec", "TaskData", "get_objective", "get_spec", "register"]
+register(ObjectiveSpec("ppo", PpoConfig, "tuneforge.objectives.ppo", loop="rollout", **_LM))
+register(ObjectiveSpec("grpo", GrpoConfig, "tuneforge.objectives.grpo", loop="rollout", **_LM))
