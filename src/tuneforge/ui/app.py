@@ -109,7 +109,7 @@ def create_app(runs: str | Path = "runs", *, cwd: str | Path | None = None, devi
             path = folder.resolve(run_id)
         except PathRefused as e:
             raise HTTPException(404, str(e)) from None
-        if not (path / "config.yaml").is_file():
+        if not (path / "config.yaml").is_file() and jobs.record(run_id) is None:  # launched, not yet started
             raise HTTPException(404, f"no run at {run_id!r}")
         return path
 
@@ -129,7 +129,22 @@ def create_app(runs: str | Path = "runs", *, cwd: str | Path | None = None, devi
 
     # ------------------------------------------------------------------------------------------ runs
     def summaries() -> list[Any]:
-        return [summarize(folder, d, jobs.record(folder.rel(d))) for d in folder.runs()]
+        dirs = folder.runs()
+        known = {folder.rel(d) for d in dirs}
+        starting = []  # launched, config.yaml not written yet
+        for r in jobs.runs():
+            if r not in known:
+                try:
+                    starting.append(folder.resolve(r))
+                except PathRefused:
+                    continue
+        return [summarize_one(d) for d in [*starting, *dirs]]
+
+    def summarize_one(d: Path) -> Any:
+        rid = folder.rel(d)
+        job = jobs.record(rid)
+        planned = _planned(job, cwd) if job is not None and not (d / "config.yaml").is_file() else None
+        return summarize(folder, d, job, planned)
 
     @app.get("/", response_class=HTMLResponse)
     async def runs_list(request: Request) -> HTMLResponse:
@@ -142,13 +157,14 @@ def create_app(runs: str | Path = "runs", *, cwd: str | Path | None = None, devi
     @app.get("/run/{run_id:path}", response_class=HTMLResponse)
     async def run_page(request: Request, run_id: str) -> HTMLResponse:
         d = run_dir(run_id)
-        summary = summarize(folder, d, jobs.record(run_id))
+        summary = summarize_one(d)
         final = read_json(d / "metrics.json") or {}
         report = (d / "report.md").read_text(encoding="utf-8", errors="replace") if (d / "report.md").is_file() else ""
         splits = {name: {k: v for k, v in block.items() if isinstance(v, (int, float))}
                   for name, block in (final.get("splits") or {}).items() if isinstance(block, dict)}
         samples = (final.get("samples") or {}).get("rows") or []
-        config_text = (d / "config.yaml").read_text(encoding="utf-8", errors="replace")
+        config_text = (d / "config.yaml").read_text(encoding="utf-8", errors="replace") if (d / "config.yaml").is_file() \
+            else "(written when training starts)"
         return page(request, "run.html", run=summary, splits=splits, train=final.get("train") or {},
                     samples=samples, report=_markdown(report, run_id) if report else "", config=config_text,
                     plots=sorted(p.name for p in (d / "plots").glob("*.png")) if (d / "plots").is_dir() else [],
@@ -159,7 +175,7 @@ def create_app(runs: str | Path = "runs", *, cwd: str | Path | None = None, devi
     async def api_metrics(run_id: str, offset: int = 0) -> dict[str, Any]:
         d = run_dir(run_id)
         records, nxt, reset = read_metrics_from(d, max(0, offset))
-        s = summarize(folder, d, jobs.record(run_id))
+        s = summarize_one(d)
         return {"records": records, "offset": nxt, "reset": reset, "status": s.status, "step": s.step,
                 "total": jobs.total_steps(run_id), "log": jobs.log(run_id), "wall": s.wall}
 
@@ -304,6 +320,16 @@ def create_app(runs: str | Path = "runs", *, cwd: str | Path | None = None, devi
             return JSONResponse({"error": getattr(e, "message", None) or f"{type(e).__name__}: {e}"}, 400)
 
     return app
+
+
+def _planned(job: dict[str, Any], cwd: Path) -> dict[str, Any] | None:
+    """The config a launched run will write (from its ``train`` arguments), shown until it writes its own."""
+    args = [a for a in job.get("args", [])[1:] if not a.startswith("--")]
+    recipe = cwd / args[0] if args and "=" not in args[0] else None
+    try:
+        return load_config(recipe, args[1:] if recipe else args).model_dump(mode="json")
+    except (ConfigError, OSError):
+        return None
 
 
 def _base_config(recipe: Path | None, notes: list[str]) -> RunConfig:

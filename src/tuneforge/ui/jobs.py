@@ -89,6 +89,18 @@ class JobManager:
             rec["alive"] = rec.get("returncode") is None and _pid_alive(rec.get("pid"))
         return rec
 
+    def runs(self) -> list[str]:
+        """Run ids with a launch record."""
+        if not self.dir.is_dir():
+            return []
+        ids = []
+        for p in sorted(self.dir.glob("*.json")):
+            try:
+                ids.append(str(json.loads(p.read_text(encoding="utf-8"))["run"]))
+            except (OSError, ValueError, KeyError):
+                continue
+        return ids
+
     def stop(self, run_id: str) -> bool:
         """SIGINT the run's process (as Ctrl-C); False when it is not running."""
         rec = self.record(run_id)

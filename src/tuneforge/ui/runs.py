@@ -236,16 +236,18 @@ def _best(records: list[dict[str, Any]], train: dict[str, Any], cfg: dict[str, A
     return name, best, step
 
 
-def summarize(folder: RunsFolder, run_dir: Path, job: dict[str, Any] | None = None) -> RunSummary:
-    """The runs-list row of ``run_dir``."""
-    cfg = read_config(run_dir)
+def summarize(folder: RunsFolder, run_dir: Path, job: dict[str, Any] | None = None,
+              planned: dict[str, Any] | None = None) -> RunSummary:
+    """The runs-list row of ``run_dir`` (``planned``: the config of a launched run not started yet)."""
+    cfg = read_config(run_dir) or planned or {}
     records, _, _ = read_metrics_from(run_dir)
     final = read_json(run_dir / "metrics.json") or {}
     train = final.get("train") or {}
     status = status_of(run_dir, job)
     name, best, step = _best(records, train, cfg)
     times = [r["time"] for r in records if isinstance(r.get("time"), (int, float))]
-    start = min([*times, (run_dir / "config.yaml").stat().st_mtime]) if (run_dir / "config.yaml").exists() else None
+    start = min([*times, (run_dir / "config.yaml").stat().st_mtime]) if (run_dir / "config.yaml").exists() else \
+        min(times, default=None)
     if job is not None and isinstance(job.get("started"), (int, float)):
         start = job["started"]
     if status == "finished" and (run_dir / "metrics.json").exists():
