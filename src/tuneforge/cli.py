@@ -129,15 +129,20 @@ def validate(args: Overrides = None) -> None:
 
 @app.command()
 def models() -> None:
-    """List the models usable by short name (offline)."""
+    """List the models usable by short name (offline), and the Hub models in the local Hugging Face cache."""
     from tuneforge.models import list_models
+    from tuneforge.models.hub import cached_models, hub_cache_dir
+    from tuneforge.models.registry import model_family
 
     rows = [(m.name, m.family, m.architecture, "yes" if m.available() else "no", m.description) for m in list_models()]
+    rows += [(h.repo_id, model_family(h.folder), h.model_type, "cached",
+              f"Hugging Face Hub, {h.size_bytes / 2**20:,.1f} MiB in {hub_cache_dir()}") for h in cached_models()]
     widths = [max(len(r[i]) for r in [*rows, ("name", "family", "arch", "ready", "")]) for i in range(4)]
     typer.echo("  ".join(h.ljust(w) for h, w in zip(("name", "family", "arch", "ready"), widths, strict=True)) + "  description")
     for r in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4])
-    typer.echo("\nAny local Hugging Face folder also works: model=/path/to/folder")
+    typer.echo("\nAny local Hugging Face folder also works (model=/path/to/folder), and any Hub id (model=org/name): "
+               "from the local Hugging Face cache offline, downloaded with HF_HUB_OFFLINE=0")
 
 
 @app.command()

