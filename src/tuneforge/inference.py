@@ -18,6 +18,7 @@ from tuneforge.engine import Runtime
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval import flatten_metrics
 from tuneforge.objectives import get_objective
+from tuneforge.objectives.base import final_evaluation
 from tuneforge.track import atomic_write_text
 from tuneforge.track.rundir import model_folder
 
@@ -79,7 +80,7 @@ def evaluate_file(run_dir: Path, data: Path, overrides: list[str], task: str | N
         objective, built, runtime, batch_size = _runtime(run, folder, model_dir=folder)
     examples = objective.read_split(data)
     batches = objective.prepare(examples, built.tokenizer, run)
-    return flatten_metrics(objective.evaluate(built.model, batches, batch_size=batch_size, runtime=runtime))
+    return flatten_metrics(final_evaluation(objective, built.model, batches, batch_size=batch_size, runtime=runtime))
 
 
 def predict_texts(run_dir: Path, texts: list[str], input_file: Path | None, overrides: list[str],

@@ -13,6 +13,7 @@ from tuneforge.engine.loops import FitResult
 from tuneforge.engine.runtime import Runtime
 from tuneforge.eval import flatten_metrics
 from tuneforge.methods.saved import save_trained
+from tuneforge.objectives.base import final_evaluation
 from tuneforge.track import atomic_directory, read_metrics
 
 __all__ = ["final_metrics", "save_model"]
@@ -42,7 +43,7 @@ def final_metrics(run: RunConfig, objective: Any, data: Any, tokenizer: Any, mod
         if split not in data.splits:
             continue
         batches = objective.prepare(data.splits[split], tokenizer, run)
-        m = objective.evaluate(model, batches, batch_size=batch_size, runtime=runtime)
+        m = final_evaluation(objective, model, batches, batch_size=batch_size, runtime=runtime)
         m.update(objective.baseline_metrics(data.splits["train"], data.splits[split]))
         out["splits"][split] = m
     out["eval"] = flatten_metrics(out["splits"].get("validation", {}))

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tuneforge.errors import ConfigError
+from tuneforge.errors import ConfigError, DataError
 
 __all__ = ["FAMILIES", "TYPES", "TokenizerReport", "train_tokenizer"]
 
@@ -143,7 +143,10 @@ def _documents(files: Sequence[Path], holdout: float) -> list[tuple[Path, str, i
 
     plan = []
     for path in files:
-        fmt = detect_format(path)
+        try:
+            fmt = detect_format(path)
+        except DataError:  # no known extension (parallel corpora: train.de, train.en.gz): one document a line
+            fmt = "txt"
         if fmt not in TEXT_FORMATS:
             raise ConfigError(f"{path}: tokenizer training reads .txt or .jsonl ('text' field) files", key="--files")
         n = sum(1 for _ in iter_documents(path, fmt))

@@ -28,7 +28,7 @@ from typing import Any
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.models.hub import HF_SCHEME, read_hub_dataset
 
-__all__ = ["FORMATS", "Table", "column_values", "detect_format", "read_table", "resolve_column"]
+__all__ = ["FORMATS", "Table", "column_values", "detect_format", "read_lines", "read_table", "resolve_column"]
 
 FORMATS = ("csv", "tsv", "json", "jsonl", "parquet", "txt")
 
@@ -132,6 +132,19 @@ def read_table(
     if name == "json":
         return _read_json(path, text)
     return _read_txt(path, text)
+
+
+def read_lines(path: str | Path, encoding: str = "utf-8") -> list[str]:
+    """Every line of a text file (gzip read transparently), blank lines kept so that line ``i`` of two
+    line-aligned files stays example ``i``; only the newline at the end of the file adds no line."""
+    path = Path(path)
+    text = _decode(_maybe_gunzip(_read_bytes(path), path), path, encoding)
+    lines = [line for _, line in _split_lines(text)]
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        raise DataError("file is empty", path)
+    return lines
 
 
 def resolve_column(table: Table, spec: str | int, role: str) -> str:

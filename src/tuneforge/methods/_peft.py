@@ -63,6 +63,7 @@ _TASK_TYPES = (
     ("LMHeadModel", "CAUSAL_LM"),
     ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
     ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("EncoderDecoderModel", "SEQ_2_SEQ_LM"),
 )
 
 
@@ -85,11 +86,13 @@ def head_modules(model: nn.Module, head_names: Iterable[str]) -> list[str]:
     """
     prefix = getattr(model, "base_model_prefix", "")
     owner = getattr(model, "head_module_of", None)  # a model with several heads says which module owns one
+    # no parameter under the base-model prefix (EncoderDecoderModel): heads are weights the checkpoint lacked
+    inside = any(n.startswith(prefix + ".") for n, _ in model.named_parameters()) if prefix else False
     out: set[str] = set()
     for name in head_names:
         if owner is not None:
             out.add(owner(name))
-        elif prefix and name.startswith(prefix + "."):
+        elif (prefix and name.startswith(prefix + ".")) or not inside:
             out.add(name.rsplit(".", 1)[0])
         else:
             out.add(name.split(".", 1)[0])
@@ -137,6 +140,8 @@ def resolve_targets(
     linear = linear_modules(model, exclude)
     short = sorted({n.rsplit(".", 1)[-1] for n in linear})
     model_type = getattr(model.config, "model_type", "?")
+    if model_type == "encoder-decoder":  # bert2bert: both stacks are the encoder's architecture
+        model_type = getattr(model.config.encoder, "model_type", model_type)
     if wanted is None:
         wanted = defaults.get(model_type)
         if wanted is None:

@@ -26,6 +26,9 @@ def num_layers(config: Any) -> int:
         n = getattr(config, attr, None)
         if isinstance(n, int):
             return n
+    encoder = getattr(config, "encoder", None)  # EncoderDecoderConfig (bert2bert): the encoder's blocks
+    if encoder is not None and hasattr(encoder, "to_dict"):
+        return num_layers(encoder)
     raise ValueError(f"cannot find the number of layers in a {type(config).__name__}")
 
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ARCHITECTURES",
     "SIZES",
+    "WARM_STARTS",
     "build_scratch",
     "check_scratch_config",
     "describe",
@@ -43,6 +44,9 @@ __all__ = [
 ARCHITECTURES = ("bert", "roberta", "gpt2", "llama", "t5")
 SIZES: dict[str, tuple[int, int, int]] = {"tiny": (2, 128, 2), "small": (4, 256, 4), "base": (12, 768, 12)}
 _SCRATCH_ONLY = ("architecture", "tokenizer", "size", "layers", "hidden", "heads", "intermediate")
+#: architectures made from pretrained weights (``model.init=pretrained``): bert2bert is an encoder-decoder
+#: whose encoder and decoder both start from the encoder ``model.name`` (Rothe et al. 2020)
+WARM_STARTS = ("bert2bert",)
 
 
 def scratch_dims(cfg: ModelConfig) -> tuple[int, int, int, int]:
@@ -55,12 +59,16 @@ def scratch_dims(cfg: ModelConfig) -> tuple[int, int, int, int]:
 def check_scratch_config(cfg: ModelConfig) -> None:
     """Cross-field checks of the ``model`` block (raises ValueError, reported by the config loader)."""
     if cfg.init != "scratch":
-        stray = [k for k in _SCRATCH_ONLY if getattr(cfg, k) is not None]
+        stray = [k for k in _SCRATCH_ONLY if getattr(cfg, k) is not None
+                 and not (k == "architecture" and cfg.architecture in WARM_STARTS)]
         if stray:
             raise ValueError(f"model.{stray[0]} only applies with model.init=scratch")
         return
     if cfg.architecture is None:
         raise ValueError(f"model.init=scratch needs model.architecture; allowed: {', '.join(ARCHITECTURES)}")
+    if cfg.architecture in WARM_STARTS:
+        raise ValueError(f"model.architecture={cfg.architecture} warm-starts from a pretrained encoder (model.name) "
+                         "and needs model.init=pretrained; a seq2seq model from scratch is model.architecture=t5")
     if cfg.tokenizer is None:
         raise ValueError("model.init=scratch needs model.tokenizer (a folder from `tuneforge tokenizer train`)")
     _, hidden, heads, _ = scratch_dims(cfg)
@@ -141,13 +149,17 @@ def model_source(run: RunConfig) -> tuple[Path, Any]:
         folder = Path(run.model.tokenizer).expanduser().resolve()
         return folder, scratch_config(run)
     path = resolve_model(run.model.name)
+    if run.model.architecture in WARM_STARTS:  # an encoder-decoder made from the encoder, cached as a folder
+        from tuneforge.models.warm_start import warm_start_folder
+
+        path = warm_start_folder(run, path)
     return path, AutoConfig.from_pretrained(path)
 
 
 def describe(run: RunConfig) -> str:
     """A short name for reports: the model name, or e.g. 'gpt2 from scratch (4x256, 4 heads)'."""
     if run.model.init != "scratch":
-        return run.model.name
+        return f"{run.model.name} ({run.model.architecture})" if run.model.architecture else run.model.name
     layers, hidden, heads, inter = scratch_dims(run.model)
     return f"{run.model.architecture} from scratch ({layers} layers x {hidden}, {heads} heads, mlp {inter})"
 

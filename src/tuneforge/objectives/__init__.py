@@ -25,6 +25,7 @@ from tuneforge.objectives.configs.mlm import MLMConfig
 from tuneforge.objectives.configs.multitask import MultiTaskConfig
 from tuneforge.objectives.configs.ppo import GrpoConfig, PpoConfig
 from tuneforge.objectives.configs.reward import RewardConfig
+from tuneforge.objectives.configs.seq2seq import Seq2SeqConfig
 from tuneforge.objectives.configs.sft import SftConfig
 from tuneforge.objectives.configs.span_corruption import SpanCorruptionConfig
 from tuneforge.objectives.configs.token_classification import TokenClassificationConfig
@@ -45,6 +46,8 @@ register(ObjectiveSpec("token_classification", TokenClassificationConfig, "tunef
 register(ObjectiveSpec("extractive_qa", ExtractiveQAConfig, "tuneforge.objectives.extractive_qa",
                        model_class="AutoModelForQuestionAnswering", predicts=True, task_head=True, metric_scale=100.0,
                        serve_route="answer"))
+register(ObjectiveSpec("seq2seq", Seq2SeqConfig, "tuneforge.objectives.seq2seq", model_class="AutoModelForSeq2SeqLM",
+                       predicts=True))
 register(ObjectiveSpec("contrastive", ContrastiveConfig, "tuneforge.objectives.contrastive", model_class="AutoModel",
                        embeds=True))
 register(ObjectiveSpec("multitask", MultiTaskConfig, "tuneforge.objectives.multitask",
@@ -54,7 +57,7 @@ register(ObjectiveSpec("reward", RewardConfig, "tuneforge.objectives.reward",
 register(ObjectiveSpec("dpo", DpoConfig, "tuneforge.objectives.dpo", chat=True, **_LM))
 register(ObjectiveSpec("simpo", SimpoConfig, "tuneforge.objectives.simpo", chat=True, **_LM))
 register(ObjectiveSpec("kto", KtoConfig, "tuneforge.objectives.kto", chat=True, **_LM))
-
-__all__ = ["OBJECTIVES", "Built", "Objective", "ObjectiveSpec", "TaskData", "get_objective", "get_spec", "register"]
 register(ObjectiveSpec("ppo", PpoConfig, "tuneforge.objectives.ppo", loop="rollout", **_LM))
 register(ObjectiveSpec("grpo", GrpoConfig, "tuneforge.objectives.grpo", loop="rollout", **_LM))
+
+__all__ = ["OBJECTIVES", "Built", "Objective", "ObjectiveSpec", "TaskData", "get_objective", "get_spec", "register"]

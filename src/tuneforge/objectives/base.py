@@ -46,6 +46,7 @@ __all__ = [
     "TaskHeadObjective",
     "TokenLogits",
     "eval_batches",
+    "final_evaluation",
     "get_objective",
     "get_spec",
     "register",
@@ -120,6 +121,10 @@ class Objective(Protocol):
 
     def baseline_metrics(self, train: Any, records: Any) -> dict[str, float]:
         """Reference numbers for a split that need no model (e.g. majority-class accuracy); may be empty."""
+
+    # Optional: ``evaluate_final(model, data, *, batch_size, runtime)``, the end-of-run and ``tuneforge eval``
+    # evaluation when it differs from the one run during training (seq2seq generates text only there by
+    # default); `final_evaluation` calls it, or ``evaluate``.
 
 
 class GenerativeObjective(Objective, Protocol):
@@ -232,6 +237,13 @@ def get_objective(run: RunConfig) -> Objective:
 def step_loss(objective: Objective, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``loss(forward(model, batch), batch)``: the objective's loss on one batch."""
     return objective.loss(objective.forward(model, batch), batch)
+
+
+def final_evaluation(objective: Objective, model: nn.Module, data: Batches, *, batch_size: int,
+                     runtime: Runtime) -> dict[str, Any]:
+    """The objective's end-of-run evaluation: ``evaluate_final`` when it has one, else ``evaluate``."""
+    run_eval = getattr(objective, "evaluate_final", None) or objective.evaluate
+    return run_eval(model, data, batch_size=batch_size, runtime=runtime)
 
 
 def eval_batches(model: nn.Module, data: Batches, batch_size: int, runtime: Runtime,
