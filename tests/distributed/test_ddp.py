@@ -2,7 +2,7 @@
 weights as one process at batch 2b; a rank killed mid-run resumes to the same weights; a NaN seen by one rank
 follows the non-finite policy on both without hanging. Each launch has a timeout (`_dist.TIMEOUT`).
 
-Tolerance of the parity test: after 6 AdamW steps at lr 1e-2 the weights differ by ~5e-6 (measured): the
+Tolerance of the parity test: after 16 AdamW steps at lr 1e-2 the weights differ by ~1e-5 (measured): the
 gradient all-reduce sums in another order than one process's batch reduction, and Adam's first steps divide
 by the small second moment, which amplifies fp32 rounding; 5e-5 leaves a margin ten times that and is still
 far below the per-step change of the weights (~1e-2).
@@ -33,6 +33,9 @@ COMMON = ["data.train=train.csv", "data.validation=val.csv", "train.precision=fp
           "train.lr=1e-2", "train.tensorboard=false"]
 
 
+ARGS = ["model=bert", *COMMON, "train.max_steps=16", "train.save_steps=4", "train.eval_steps=100"]
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("ddp")
@@ -41,32 +44,35 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-def test_two_ranks_equal_one_process_over_the_global_batch(workdir: Path) -> None:
-    args = ["model=bert", *COMMON, "train.max_steps=6", "train.save_steps=6"]
-    train(workdir, 1, *args, "output_dir=one", "train.batch_size=8", flags=("--quiet",))
-    out = train(workdir, 2, *args, "output_dir=two", "train.batch_size=4")
+@pytest.fixture(scope="module")
+def two_ranks(workdir: Path) -> Path:
+    """The reference run: 2 ranks x batch 4, 16 steps, uninterrupted."""
+    out = train(workdir, 2, *ARGS, "output_dir=two", "train.batch_size=4")
     assert "global batch: 4 per rank x 2 ranks x 1 accumulation = 8" in out.stdout
-    assert max_diff(last_weights(workdir / "one"), last_weights(workdir / "two")) < 5e-5
-    one, two = train_losses(workdir / "one"), train_losses(workdir / "two")
-    assert sorted(one) == sorted(two) == list(range(1, 7))  # logged by rank 0 only: each step once
+    return workdir / "two"
+
+
+def test_two_ranks_equal_one_process_over_the_global_batch(workdir: Path, two_ranks: Path) -> None:
+    train(workdir, 1, *ARGS, "output_dir=one", "train.batch_size=8", flags=("--quiet",))
+    assert max_diff(last_weights(workdir / "one"), last_weights(two_ranks)) < 5e-5
+    one, two = train_losses(workdir / "one"), train_losses(two_ranks)
+    assert sorted(one) == sorted(two) == list(range(1, 17))  # logged by rank 0 only: each step once
     assert two == pytest.approx(one, rel=1e-5)
-    # only rank 0 wrote the run directory: one metrics file, the final model, the report
-    assert (workdir / "two" / "model").is_dir() and (workdir / "two" / "report.md").is_file()
+    # only rank 0 wrote the run directory; it holds the final model and the report
+    assert (two_ranks / "model").is_dir() and (two_ranks / "report.md").is_file()
 
 
-def test_rank_killed_mid_run_resumes_to_the_same_weights(workdir: Path) -> None:
-    args = ["model=bert", *COMMON, "train.max_steps=16", "train.save_steps=4", "train.batch_size=4",
-            "train.eval_steps=100"]
-    train(workdir, 2, *args, "output_dir=whole", flags=("--quiet",))
-    rc = kill_rank_after_checkpoint(workdir, workdir / "cut", 1, 4, *args, "output_dir=cut", "--quiet")
+def test_rank_killed_mid_run_resumes_to_the_same_weights(workdir: Path, two_ranks: Path) -> None:
+    args = [*ARGS, "train.batch_size=4", "output_dir=cut"]
+    rc = kill_rank_after_checkpoint(workdir, workdir / "cut", 1, 4, *args, "--quiet")
     assert rc != 0  # torchrun reports the killed worker and stops the other
     assert complete_checkpoints(workdir / "cut")[-1] < 16
-    train(workdir, 2, *args, "output_dir=cut", flags=("--quiet", "--resume"))
-    assert max_diff(last_weights(workdir / "whole"), last_weights(workdir / "cut")) < 1e-6
-    assert train_losses(workdir / "cut") == pytest.approx(train_losses(workdir / "whole"), rel=1e-6)
+    train(workdir, 2, *args, flags=("--quiet", "--resume"))
+    assert max_diff(last_weights(two_ranks), last_weights(workdir / "cut")) < 1e-6
+    assert train_losses(workdir / "cut") == pytest.approx(train_losses(two_ranks), rel=1e-6)
 
 
-@pytest.mark.parametrize("policy", ["skip", "stop"])
+@pytest.mark.parametrize("policy", ["skip", pytest.param("stop", marks=pytest.mark.slow)])
 def test_nan_on_one_rank_follows_the_policy_on_every_rank(workdir: Path, policy: str) -> None:
     for r in (0, 1):
         (workdir / f"outcome-rank{r}.json").unlink(missing_ok=True)
