@@ -179,3 +179,16 @@ def test_ui_command_is_registered_and_binds_loopback_by_default() -> None:
     assert out.exit_code == 0 and "--runs" in out.output and "--port" in out.output
     assert "127.0.0.1" in out.output and "7860" in out.output
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
+
+
+def test_a_new_run_can_start_from_a_runs_config(client, made) -> None:
+    html = client.get("/new?recipe=run:bert").text
+    assert 'value="tiny-bert"' in html and "the config of run bert" in html
+    form = {"_token": client.token, "_recipe": "run:bert", "train.seed": "5"}
+    refused = client.post("/api/validate", data=form).json()  # its output_dir is the old run's
+    assert "exists and is not empty" in refused["errors"]["output_dir"]
+    ok = client.post("/api/validate", data={**form, "output_dir": str(made["runs"] / "bert-2")}).json()
+    assert ok["ok"] and ok["command"].startswith("tuneforge train runs/bert/config.yaml train.seed=5 output_dir=")
+    assert "seed: 5" in ok["config"] and "name: tiny-bert" in ok["config"]
+    assert client.get("/new?recipe=run:../data").status_code == 404
+    assert client.get("/new?recipe=../../etc/passwd").status_code == 404

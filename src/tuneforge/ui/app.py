@@ -224,6 +224,8 @@ def create_app(runs: str | Path = "runs", *, cwd: str | Path | None = None, devi
     def recipe_path(name: str | None) -> Path | None:
         if not name:
             return None
+        if name.startswith("run:"):  # start from another run's config.yaml
+            return run_dir(name[4:]) / "config.yaml"
         found = _recipes(cwd).get(name)
         if found is None:
             raise HTTPException(404, f"no recipe {name!r} under {cwd / 'recipes'}")
@@ -236,6 +238,8 @@ def create_app(runs: str | Path = "runs", *, cwd: str | Path | None = None, devi
         base = _base_config(recipe_path(recipe), general_out := [])
         values = {**formlib.form_values(sections, base), **(values or {})}
         recipes = {name: _recipe_note(p) for name, p in _recipes(cwd).items()}
+        if recipe and recipe.startswith("run:"):
+            recipes[recipe] = f"the config of run {recipe[4:]} (give it a new output_dir)"
         from tuneforge.models import list_models
 
         return page(request, "new.html", status, sections=sections, values=values, errors=errors or {},
@@ -265,7 +269,7 @@ def create_app(runs: str | Path = "runs", *, cwd: str | Path | None = None, devi
 
     def plan_run(sections: list[Any], data: dict[str, str], recipe: Path | None) -> tuple[list[str], Any]:
         """(the `tuneforge train` arguments, the validated config) or ([], the ConfigError)."""
-        recipe_arg = [str(recipe.relative_to(cwd))] if recipe is not None else []
+        recipe_arg = [] if recipe is None else [str(recipe.relative_to(cwd) if recipe.is_relative_to(cwd) else recipe)]
         try:
             base = load_config(recipe)
             overrides = formlib.form_overrides(sections, data, base)

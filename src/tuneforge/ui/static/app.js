@@ -90,6 +90,25 @@ const TF = (() => {
     $("only-diff").onchange = (e) => $("config-diff").classList.toggle("only", e.target.checked);
   }
 
+  // the runs list: statuses, steps and wall times follow the runs; a new run reloads the list
+  function runsPage() {
+    const shown = new Set([...document.querySelectorAll("#runs tbody tr")].map((r) => r.dataset.run));
+    setInterval(async () => {
+      const r = await fetch("/api/runs");
+      if (!r.ok) return;
+      const runs = await r.json();
+      if (runs.some((x) => !shown.has(x.id))) { location.reload(); return; }
+      for (const x of runs) {
+        const row = document.querySelector(`#runs tr[data-run='${CSS.escape(x.id)}']`);
+        if (!row) continue;
+        const badge = row.querySelector(".status");
+        badge.textContent = x.status; badge.className = "status " + x.status;
+        row.querySelector(".step").textContent = x.step ?? "";
+        row.querySelector(".wall").textContent = x.wall;
+      }
+    }, 3000);
+  }
+
   function formPage() {
     for (const sel of document.querySelectorAll("select[name$='.name']")) {
       const block = sel.name.slice(0, -5);
@@ -209,5 +228,5 @@ const TF = (() => {
     };
   }
 
-  return { runPage, comparePage, formPage, align };
+  return { runPage, runsPage, comparePage, formPage, align };
 })();
