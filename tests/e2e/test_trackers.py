@@ -176,3 +176,17 @@ def test_missing_extra_is_one_line_with_the_pip_extra(tmp_path: Path, monkeypatc
     assert len(err.splitlines()) == 1
     assert "pip install 'tuneforge[mlflow]'" in err and "train.report_to" in err
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_wandb_not_logged_in_is_refused_before_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("wandb")
+    from tuneforge.errors import ConfigError
+    from tuneforge.track.trackers import Trackers
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    with pytest.raises(ConfigError, match=r"W&B is not logged in: run `wandb login`.*WANDB_MODE=offline"):
+        Trackers(["wandb"])

@@ -142,7 +142,8 @@ def task_block(value: Any) -> TaskConfig:
 class ModelConfig(StrictModel):
     """Which model to start from and how to load it."""
 
-    name: str = Field("minilm-l6", description="registry short name (see `tuneforge models`) or a local HF folder")
+    name: str = Field("minilm-l6", description="registry short name (see `tuneforge models`), a local HF folder, or a "
+                      "Hugging Face Hub id org/name (local HF cache offline; downloaded with HF_HUB_OFFLINE=0)")
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel")
     # Pretraining from scratch (see `tuneforge.models.scratch`); `name` is ignored when init=scratch.
     init: Literal["pretrained", "scratch"] = Field("pretrained", description="load weights, or build a random model")

@@ -3,7 +3,8 @@
 W&B's own settings apply as they are: online when logged in (``wandb login`` or ``WANDB_API_KEY``),
 ``WANDB_MODE=offline`` writes the run under ``run_dir/wandb/offline-run-*`` for a later ``wandb sync``,
 ``WANDB_PROJECT`` / ``WANDB_ENTITY`` pick where it goes (project ``tuneforge`` by default). Not logged in
-and not offline is a config error that says both ways out, instead of W&B's interactive prompt mid-run.
+and not offline is a config error that says both ways out, before the run starts (instead of W&B's
+interactive prompt mid-run).
 
 Steps: W&B drops rows whose ``step=`` is below the run's current step, which after ``--resume`` would
 lose the recomputed steps; so every row carries ``global_step`` and the metrics are plotted against it
@@ -37,7 +38,14 @@ class WandbTracker:
 
     @classmethod
     def check(cls) -> None:
-        require_extra("wandb", "wandb", "wandb")
+        """Installed, and (unless offline or disabled) logged in: checked without W&B's prompt or a network call."""
+        wandb = require_extra("wandb", "wandb", "wandb")
+        if os.environ.get("WANDB_MODE", "").strip().lower() in ("offline", "dryrun", "disabled"):
+            return
+        if not wandb.login(prompt=False, verify=False):
+            raise ConfigError("train.report_to has 'wandb' but W&B is not logged in: run `wandb login` or set "
+                              "WANDB_API_KEY, or set WANDB_MODE=offline to write the run to files",
+                              key="train.report_to")
 
     def __init__(self, ctx: TrackerContext) -> None:
         import wandb
