@@ -18,6 +18,7 @@ from __future__ import annotations
 import re
 import secrets
 import shlex
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 
 from tuneforge.config import load_config, to_yaml
 from tuneforge.config.schema import RunConfig
@@ -80,11 +82,7 @@ def create_app(runs: str | Path = "runs", *, cwd: str | Path | None = None, devi
     folder = RunsFolder(runs_path)
     jobs = JobManager(folder, cwd)
     token = secrets.token_urlsafe(16)
-    tryit = None
-    if try_it:
-        from tuneforge.ui.tryit import TryIt
-
-        tryit = TryIt(device)
+    tryit = _LazyTryIt(device) if try_it else None  # torch and the server load on first use: a fast start
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -98,7 +96,7 @@ def create_app(runs: str | Path = "runs", *, cwd: str | Path | None = None, devi
     templates.env.globals.update(token=token, quote=quote)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     if tryit is not None:
-        app.mount("/serve", tryit.app)
+        app.mount("/serve", tryit)
     if allowed_hosts != ["*"]:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -317,13 +315,39 @@ def create_app(runs: str | Path = "runs", *, cwd: str | Path | None = None, devi
         if not (d / "model" / "config.json").is_file():
             return JSONResponse({"error": "this run has no saved model yet (it is saved when training ends)"}, 409)
         try:
-            return JSONResponse(await tryit.load(run_id, d))
+            server = await run_in_threadpool(tryit.get)
+            return JSONResponse(await server.load(run_id, d))
         except TuneforgeError as e:
             return JSONResponse({"error": str(e)}, 400)
         except Exception as e:  # the server's APIError and loading errors: say why, keep the UI up
             return JSONResponse({"error": getattr(e, "message", None) or f"{type(e).__name__}: {e}"}, 400)
 
     return app
+
+
+class _LazyTryIt:
+    """The embedded `tuneforge serve` app (`tuneforge.ui.tryit.TryIt`), built on its first request."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self._server: Any = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Any:
+        with self._lock:
+            if self._server is None:
+                from tuneforge.ui.tryit import TryIt
+
+                self._server = TryIt(self.device)
+            return self._server
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        server = self._server or await run_in_threadpool(self.get)
+        await server.app(scope, receive, send)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
 
 
 def _planned(job: dict[str, Any], cwd: Path) -> dict[str, Any] | None:
