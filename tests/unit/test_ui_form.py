@@ -41,6 +41,11 @@ def _plain(ann: Any) -> Any:
     return ann
 
 
+def _is_ext(ann: Any) -> bool:
+    ann = _plain(ann)
+    return isinstance(ann, type) and issubclass(ann, schema.ExtensionConfig)
+
+
 def schema_inputs() -> set[str]:
     """Every key of RunConfig as the form names it: blocks flattened, each registered method/task/extension
     with its own fields (named blocks: ``method[lora].r``; extensions/retain: a switch plus fields)."""
@@ -67,9 +72,9 @@ def schema_inputs() -> set[str]:
         if ann in named:
             keys.add(f"{top}.name")
             variants(top, named[ann], False)
-        elif get_origin(ann) is list:
+        elif get_origin(ann) is list and _is_ext(get_args(ann)[0]):
             variants(top, schema._EXTENSION_CONFIGS, True)
-        elif get_origin(ann) is dict:
+        elif get_origin(ann) is dict and _is_ext(get_args(ann)[1]):
             variants(top, {n: c for n, c in schema._EXTENSION_CONFIGS.items() if c.retain}, True)
         elif isinstance(ann, type) and issubclass(ann, schema.StrictModel):
             block(ann, f"{top}.")
