@@ -154,6 +154,11 @@ def test_ppo_with_lora_uses_adapters_off_as_reference_and_its_run_generates_and_
     assert len(out) == 1 and isinstance(out[0], str)
     merged = merge_run(res.run_dir, tmp_path / "merged")
     assert merged.kind == "merged" and merged.max_abs_diff < 1e-4
+    # `tuneforge eval RUN --data PROMPTS`: the reference is the base model named in the run's config
+    from tuneforge.inference import evaluate_file
+
+    again = evaluate_file(res.run_dir, prompts, [])
+    assert set(again) >= {"reward", "kl", "response_length", "eos_rate"} and again["examples"] == 64
 
 
 def test_resume_after_an_interruption_gives_the_same_weights(prompts: Path, tmp_path: Path, monkeypatch) -> None:
