@@ -104,10 +104,11 @@ class MetricsLogger:
         self.trackers.flush()
 
     def close(self, status: str = "finished") -> None:
-        """Close the JSONL file; close the trackers if this logger owns them (else only flush them)."""
+        """Close the JSONL file; close the trackers if this logger owns them or the run ended otherwise than
+        ``finished`` (a caller's session is otherwise only flushed: it is finished once the report exists)."""
         if not self._fh.closed:
             self._fh.close()
-        if self._owned:
+        if self._owned or status != "finished":
             self.trackers.close(status)
         else:
             self.trackers.flush()
@@ -121,9 +122,10 @@ class MetricsLogger:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
-        if exc_type is not None:
-            self.trackers.close("killed" if issubclass(exc_type, KeyboardInterrupt) else "failed")
+        if exc_type is None:
+            self.close()
+        else:
+            self.close("killed" if issubclass(exc_type, KeyboardInterrupt) else "failed")
 
 
 def _step_of(record: dict[str, Any]) -> float | None:
