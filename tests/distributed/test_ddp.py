@@ -72,6 +72,16 @@ def test_rank_killed_mid_run_resumes_to_the_same_weights(workdir: Path, two_rank
     assert train_losses(workdir / "cut") == pytest.approx(train_losses(two_ranks), rel=1e-6)
 
 
+@pytest.mark.slow
+def test_two_rank_checkpoint_resumes_in_one_process_at_the_same_global_batch(workdir: Path, two_ranks: Path) -> None:
+    """The plan depends on the global batch only: 2 ranks x 4 resumed as 1 process x 8 continues the same run."""
+    args = [*ARGS, "output_dir=cut-to-one"]
+    rc = kill_rank_after_checkpoint(workdir, workdir / "cut-to-one", 0, 4, *args, "train.batch_size=4", "--quiet")
+    assert rc != 0 and complete_checkpoints(workdir / "cut-to-one")[-1] < 16
+    train(workdir, 1, *args, "train.batch_size=8", flags=("--quiet", "--resume"))
+    assert max_diff(last_weights(two_ranks), last_weights(workdir / "cut-to-one")) < 5e-5
+
+
 @pytest.mark.parametrize("policy", ["skip", pytest.param("stop", marks=pytest.mark.slow)])
 def test_nan_on_one_rank_follows_the_policy_on_every_rank(workdir: Path, policy: str) -> None:
     for r in (0, 1):

@@ -92,3 +92,20 @@ def test_two_ranks_equal_one_process(workdir: Path, task: str, method: str, prec
         print(f"{name} bf16: |w1 - w2| / |w1| = {ddp:.2e}; one process bf16 vs fp32: {bf16:.2e}")
         assert ddp < 0.5 * bf16
         assert losses_two == pytest.approx(losses_one, rel=1e-2)
+
+
+def test_accelerate_launch_runs_the_same_ddp(workdir: Path) -> None:
+    """``accelerate launch --multi_gpu`` (torchrun underneath; on a CPU-only machine it runs gloo) trains the
+    same weights as torchrun. (``--cpu`` with several processes needs mpirun and starts one process.)"""
+    import sys
+
+    from _dist import run
+
+    args = [*_task("classification"), "train.precision=fp32", f"train.max_steps={STEPS}", f"train.save_steps={STEPS}",
+            "train.batch_size=2", "train.lr=1e-2", "train.tensorboard=false", "train.eval_steps=100"]
+    train(workdir, 2, *args, "output_dir=by-torchrun", flags=("--quiet",))
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    out = run([*accelerate, "-m", "tuneforge", "train", *args, "output_dir=by-accelerate"], workdir)
+    assert "rank 0 of 2 (ddp, gloo)" in out.stdout
+    assert max_diff(last_weights(workdir / "by-torchrun"), last_weights(workdir / "by-accelerate")) < 1e-6

@@ -101,9 +101,14 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def init_from_env(placement: Placement, device: torch.device, timeout_s: float = 1800) -> str:
+def init_from_env(placement: Placement, device: torch.device, timeout_s: float | None = None) -> str:
     """Join the process group of ``placement`` (``env://``: ``MASTER_ADDR``/``MASTER_PORT`` from the launcher);
-    returns the backend. Idempotent: a group already initialised (e.g. by accelerate) is kept."""
+    returns the backend. Idempotent: a group already initialised (e.g. by accelerate) is kept.
+
+    ``timeout_s`` (default ``TUNEFORGE_DIST_TIMEOUT_S`` or 2 hours) bounds every collective, including the
+    waits of ranks 1.. while rank 0 alone evaluates or writes the final model: it must exceed those."""
+    if timeout_s is None:
+        timeout_s = float(os.environ.get("TUNEFORGE_DIST_TIMEOUT_S", 7200))
     if dist.is_initialized():
         return dist.get_backend()
     missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]

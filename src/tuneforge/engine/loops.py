@@ -159,7 +159,7 @@ class LoopBase:
         if saved != self.total_steps:  # checked before touching any state
             raise ConfigError(
                 f"{ckpt} was written for {saved} total steps but this config gives {self.total_steps}; "
-                "resume with the same train.* settings (epochs, max_steps, batch_size, grad_accum) and data",
+                "resume with the same train.* settings (epochs, max_steps, batch_size x processes, grad_accum) and data",
                 key="train.max_steps",
             )
         self.state, extra = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
