@@ -67,8 +67,9 @@ def _datasets_cache() -> Path:
 
 def _fetch_hint(repo_id: str, dataset: bool = False) -> str:
     kind = "--repo-type dataset " if dataset else ""
-    return (f"fetch it with `huggingface-cli download {kind}{repo_id}` (or `hf download {kind}{repo_id}`) where there "
-            f"is network access into this cache, or set HF_HUB_OFFLINE=0 to let tuneforge download it")
+    hint = (f"fetch it with `huggingface-cli download {kind}{repo_id}` (or `hf download {kind}{repo_id}`) where there "
+            "is network access into this cache")
+    return hint + (", or set HF_HUB_OFFLINE=0 to let tuneforge download it" if hub_offline() else "")
 
 
 def resolve_hub_model(repo_id: str, key: str = "model") -> Path:
@@ -92,6 +93,9 @@ def resolve_hub_model(repo_id: str, key: str = "model") -> Path:
                           "`huggingface-cli login`)", key=key) from None
     except HfHubHTTPError as e:
         raise ConfigError(f"the Hugging Face Hub refused '{repo_id}': {str(e).splitlines()[0]}", key=key) from None
+    except Exception as e:  # no network, proxy, timeout: whatever the HTTP stack raises
+        raise ConfigError(f"could not download '{repo_id}' from the Hugging Face Hub ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else 'no detail'}); {_fetch_hint(repo_id)}", key=key) from None
     if not (folder / "config.json").is_file():
         raise ConfigError(f"the cached '{repo_id}' ({folder}) has no config.json: not a transformers model, or only "
                           "part of it was downloaded", key=key)
