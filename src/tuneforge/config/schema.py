@@ -390,10 +390,10 @@ class RunConfig(StrictModel):
         paired = [k for k in ("train", "validation", "test") if isinstance(getattr(d, k), TextPair)]
         seq2seq = ", ".join(sorted(n for n, c in _TASK_CONFIGS.items() if c.seq2seq))
         if paired and not type(self.task).seq2seq:
-            raise ValueError(f"data.{paired[0]}: {{source, target}} file pairs are read by task {seq2seq} only; "
+            raise ValueError(f"data.{paired[0]} {{source, target}} file pairs are read by task {seq2seq} only; "
                              f"task '{self.task.name}' takes one file")
         if self.model.init == "pretrained" and self.model.architecture and not type(self.task).seq2seq:
-            raise ValueError(f"model.architecture={self.model.architecture} builds an encoder-decoder, which task "
+            raise ValueError(f"model.architecture '{self.model.architecture}' builds an encoder-decoder, which task "
                              f"'{self.task.name}' does not train (task {seq2seq} does)")
         twice = sorted({b.name for b in self.extensions} & set(self.retain))
         if twice:

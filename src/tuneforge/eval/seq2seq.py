@@ -2,7 +2,7 @@
 
 * BLEU (Papineni et al. 2002) is ``sacrebleu.corpus_bleu`` with its defaults (13a tokenisation, exponential
   smoothing off, mixed case), 0-100, over all references of each source (sources with fewer references
-  than the most are padded the way sacrebleu expects: missing streams are None). The signature
+  than the most get None in the missing streams, which sacrebleu signs ``nrefs:var``). The signature
   (``nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:2.5.1``) is returned so every reported number
   says how it was computed (Post 2018, "A Call for Clarity in Reporting BLEU Scores").
 * ROUGE-1/2/L/Lsum (Lin 2004) are ``rouge_score.RougeScorer`` F-measures, 0-1, with Porter stemming on
