@@ -1,0 +1,77 @@
+"""In-process checks of the distributed pieces that need no second process: how a global batch is shared, the
+loss weights (against the arithmetic of a global mean), the launcher environment and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tuneforge.engine.distributed import env_placement, loss_weight, shard, unwrap
+from tuneforge.engine.runtime import Runtime
+from tuneforge.errors import ConfigError
+
+
+@pytest.mark.parametrize(("n", "world"), [(8, 2), (7, 2), (1, 2), (10, 4), (3, 4), (5, 1)])
+def test_shards_are_contiguous_balanced_and_cover_the_batch(n: int, world: int) -> None:
+    batch = list(range(100, 100 + n))
+    parts = [shard(batch, r, world) for r in range(world)]
+    assert [i for p in parts for i in p] == batch  # in order, each example once
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_weighted_rank_means_average_to_the_global_mean() -> None:
+    """DDP averages the ranks' gradients; with `loss_weight` that average is the mean over all units."""
+    torch.manual_seed(0)
+    per_unit = torch.rand(11)  # e.g. token losses of one global batch, split 7 / 4 / 0 over 3 ranks
+    splits = [per_unit[:7], per_unit[7:], per_unit[:0]]
+    total = sum(len(s) for s in splits)
+    ranks = [float(s.mean()) * loss_weight(len(s), total, 3) if len(s) else 0.0 for s in splits]
+    assert sum(ranks) / 3 == pytest.approx(float(per_unit.mean()), rel=1e-6)
+    assert loss_weight(0, 0, 2) == 0.0  # no unit anywhere (e.g. no supervised token): no gradient
+
+
+def test_launcher_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    assert env_placement().world_size == 1
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    p = env_placement()
+    assert (p.rank, p.local_rank, p.world_size) == (3, 1, 4)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(ConfigError, match="inconsistent"):
+        env_placement()
+
+
+@pytest.mark.parametrize(("mode", "world", "match"), [
+    ("none", "2", "train.distributed=none but the launcher started 2 processes"),
+    ("fsdp", "2", "fsdp is not implemented"),
+    ("fsdp", "1", "fsdp is not implemented"),
+])
+def test_refusals_name_the_key(monkeypatch: pytest.MonkeyPatch, mode: str, world: str, match: str) -> None:
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match=match) as e:
+        Runtime.create("cpu", "fp32", mode)
+    assert e.value.key == "train.distributed"
+
+
+def test_missing_rendezvous_address_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ConfigError, match="MASTER_ADDR, MASTER_PORT is not set"):
+        Runtime.create("cpu", "fp32", "auto")
+
+
+def test_one_process_is_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    rt = Runtime.create("cpu", "fp32", "ddp")
+    model = torch.nn.Linear(2, 2)
+    assert (rt.world_size, rt.distributed) == (1, "none")
+    assert rt.wrap(model) is model and unwrap(model) is model
+    assert rt.all_reduce_sum([1, 2.5]) == [1.0, 2.5] and rt.broadcast({"a": 1}) == {"a": 1}
+    assert rt.describe() == "cpu (fp32)"
