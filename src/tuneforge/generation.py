@@ -97,11 +97,13 @@ class LoadedModel:
     chat: bool
     system_prompt: str | None
     source: str
+    prefix: str = ""  # put before every prompt (a seq2seq run's task.source_prefix)
 
 
 def load_model(target: str | Path, device: str = "auto") -> LoadedModel:
-    """Load a causal LM from a run directory, a registry name or a local HF folder (merged or adapter)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a causal LM or an encoder-decoder (seq2seq runs: the source goes to the encoder, the output is the
+    decoder's text) from a run directory, a registry name or a local HF folder (merged or adapter)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from tuneforge.engine.runtime import resolve_device
     from tuneforge.methods.saved import load_trained
@@ -109,30 +111,34 @@ def load_model(target: str | Path, device: str = "auto") -> LoadedModel:
 
     where = resolve_device(device)  # an absent device fails before any weights load
     run_dir = Path(str(target))
-    system_prompt, chat = None, None
+    system_prompt, chat, prefix = None, None, ""
     if (run_dir / "config.yaml").is_file() and (model_folder(run_dir) / "config.json").is_file():
         from tuneforge.config import load_config
         from tuneforge.objectives import OBJECTIVES, get_spec
 
         run = load_config(run_dir / "config.yaml")
         spec = get_spec(run.task.name)
-        if not spec.generative:
-            allowed = ", ".join(n for n, s in OBJECTIVES.items() if s.generative)
-            raise ConfigError(f"{run_dir} is a '{run.task.name}' run; generation needs a causal LM run (task {allowed})")
+        if not (spec.generative or spec.config.seq2seq):
+            allowed = ", ".join(n for n, s in OBJECTIVES.items() if s.generative or s.config.seq2seq)
+            raise ConfigError(f"{run_dir} is a '{run.task.name}' run; generation needs a causal LM or seq2seq run "
+                              f"(task {allowed})")
         folder, chat = model_folder(run_dir), spec.chat
         system_prompt = run.task.model_dump().get("system_prompt")
+        prefix = run.task.model_dump().get("source_prefix") or ""
     else:
         folder = resolve_model(str(target))
-        if model_family(folder) != "decoder":
-            raise ConfigError(f"'{target}' is an {model_family(folder)} model; generation needs a decoder (causal LM)",
-                              key="model")
+        if model_family(folder) not in ("decoder", "encoder-decoder"):
+            raise ConfigError(f"'{target}' is an {model_family(folder)} model; generation needs a decoder (causal LM) "
+                              "or an encoder-decoder", key="model")
+    seq2seq = model_family(folder) == "encoder-decoder"
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = load_trained(AutoModelForCausalLM, folder, dtype=torch.float32).eval().to(where)
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = load_trained(auto, folder, dtype=torch.float32).eval().to(where)
     if chat is None:
-        chat = tokenizer.chat_template is not None
-    return LoadedModel(model, tokenizer, chat, system_prompt, str(target))
+        chat = tokenizer.chat_template is not None and not seq2seq
+    return LoadedModel(model, tokenizer, chat, system_prompt, str(target), prefix)
 
 
 def _messages(prompt: Prompt, system_prompt: str | None) -> list[dict[str, str]]:
@@ -183,11 +189,13 @@ def _cut(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(hits)], True) if hits else (text, False)
 
 
-def _encode(tokenizer: Any, texts: list[str], chat: bool) -> dict[str, torch.Tensor]:
+def _encode(tokenizer: Any, texts: list[str], chat: bool, side: str = "left") -> dict[str, torch.Tensor]:
+    """Prompts padded on the left (a decoder continues them), or on the right for an encoder's input
+    (absolute position embeddings, e.g. BERT2BERT, must see every source from position 0)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # A rendered chat template already holds its special tokens (BOS included where the model wants one).
-    return tokenizer(texts, padding=True, padding_side="left", add_special_tokens=not chat, return_tensors="pt")
+    return tokenizer(texts, padding=True, padding_side=side, add_special_tokens=not chat, return_tensors="pt")
 
 
 def _on(model: Any, enc: Any) -> dict[str, torch.Tensor]:
@@ -198,13 +206,18 @@ def _on(model: Any, enc: Any) -> dict[str, torch.Tensor]:
 
 @torch.inference_mode()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], options: GenerationOptions | None = None, *,
-             chat: bool = False, system_prompt: str | None = None) -> list[str]:
-    """The generated continuation of each prompt (text after the prompt, stop strings cut), in order."""
+             chat: bool = False, system_prompt: str | None = None, prefix: str = "") -> list[str]:
+    """The generated continuation of each prompt (text after the prompt, stop strings cut), in order; for an
+    encoder-decoder the decoder's output for each prompt (``prefix`` + prompt) as its source."""
     from transformers import set_seed
 
     options = options or GenerationOptions()
     stops = _stops(tokenizer, options, chat)
     cfg = _config(model, tokenizer, options, stops)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    if encoder_decoder and chat:
+        raise ConfigError("an encoder-decoder translates its input; chat mode needs a causal LM (use chat=false)",
+                          key="chat")
     texts = _render(tokenizer, prompts, chat, system_prompt)
     if options.seed is not None:
         set_seed(options.seed)
@@ -217,9 +230,11 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[Prompt], options: Gen
             # peft's notice that it drops position ids: harmless once no prompt is padded (step 1 above)
             warnings.filterwarnings("ignore", message="Position ids are not supported", category=UserWarning)
             for start in range(0, len(texts), step):
-                enc = _on(model, _encode(tokenizer, texts[start : start + step], chat))
+                batch = [prefix + t for t in texts[start : start + step]]
+                enc = _on(model, _encode(tokenizer, batch, chat, "right" if encoder_decoder else "left"))
                 seqs = model.generate(**enc, generation_config=cfg, tokenizer=tokenizer if stops else None)
-                new = seqs[:, enc["input_ids"].shape[1] :]
+                # an encoder-decoder's output is the decoder's text alone; a decoder's continues the prompt
+                new = seqs if encoder_decoder else seqs[:, enc["input_ids"].shape[1] :]
                 out += [_cut(tokenizer.decode(row, skip_special_tokens=True), stops)[0] for row in new]
     finally:
         model.train(was_training)

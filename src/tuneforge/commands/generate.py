@@ -86,7 +86,7 @@ def register(app: typer.Typer) -> None:
         if any(not isinstance(p, str) for p in items):
             chat = True
         texts = run_generate(loaded.model, loaded.tokenizer, items, opts, chat=chat,
-                             system_prompt=opts.system_prompt or loaded.system_prompt)
+                             system_prompt=opts.system_prompt or loaded.system_prompt, prefix=loaded.prefix)
         lines = [json.dumps({**row, "generation": t}, ensure_ascii=False) for row, t in zip(rows, texts, strict=True)]
         if output is not None:
             atomic_write_text(output, "".join(line + "\n" for line in lines))

@@ -37,7 +37,10 @@ def is_bias(name: str) -> bool:
 
 def _biases_only(model: nn.Module, model_name: str, extra: set[str]) -> nn.Module:
     prefix = getattr(model, "base_model_prefix", "")
-    backbone_biases = [n for n, _ in model.named_parameters() if is_bias(n) and n.startswith(prefix + ".")]
+    names = [n for n, _ in model.named_parameters()]
+    if not any(n.startswith(prefix + ".") for n in names):  # no base-model prefix (EncoderDecoderModel): all of it
+        prefix = ""
+    backbone_biases = [n for n in names if is_bias(n) and (not prefix or n.startswith(prefix + "."))]
     if not backbone_biases:
         raise ConfigError(no_bias_message(model_name, type(model.base_model).__name__), key="method")
     for name, p in model.named_parameters():
