@@ -23,6 +23,7 @@ loads it (full fine-tuning, or after ``tuneforge merge``) and gives the vectors 
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -156,9 +157,13 @@ class ContrastiveObjective:
             scores = []
             for value, line in zip(column_values(table, col, role="score"), table.lines, strict=True):
                 try:
-                    scores.append(float(value))
+                    score = float(value)
                 except (TypeError, ValueError):
                     raise DataError(f"score {value!r} is not a number", path, line) from None
+                low, high = t.score_range if t.score_range is not None else (-math.inf, math.inf)
+                if not low <= score <= high or math.isnan(score):
+                    raise DataError(f"score {value!r} is outside task.score_range [{low:g}, {high:g}]", path, line)
+                scores.append(score)
         return Sentences(anchors, positives, negatives, scores, str(path), list(table.lines))
 
     def load_data(self, run: RunConfig) -> TaskData:

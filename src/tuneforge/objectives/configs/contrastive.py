@@ -28,6 +28,9 @@ class ContrastiveConfig(TaskConfig):
     negative_column: str | int | None = Field(None, description="triplets: column of the hard negative")
     scored: bool | None = Field(None, description="pairs carry a similarity score in data.label_column (STS); "
                                 "default: when the file has that column")
+    score_range: tuple[float, float] | None = Field(
+        None, description="scored pairs: the scale scores must lie on, e.g. [0, 5] for STS-B (a score outside it is "
+        "a data error naming file:line); default: any number")
 
     def check_run(self, run: Any) -> None:
         if run.method.virtual_tokens:
@@ -35,5 +38,7 @@ class ContrastiveConfig(TaskConfig):
                              "peft wrapper for; use full, lora, qlora, ia3, adapter, bitfit or partial")
         if run.method.head_only:
             raise ValueError(f"method.name '{run.method.name}' trains only a task head; a sentence encoder has none")
+        if self.score_range is not None and not self.score_range[0] < self.score_range[1]:
+            raise ValueError("task.score_range must be [low, high] with low < high")
         if self.negative_column is not None and run.data.text_pair_column is None:
             raise ValueError("task.negative_column needs data.text_pair_column (triplets: anchor, positive, negative)")
