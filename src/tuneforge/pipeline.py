@@ -54,6 +54,17 @@ def default_output_dir(run: RunConfig) -> Path:
     return Path("runs") / f"{run.task.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def _name_patterns(names: list[str], most: int = 4) -> str:
+    """Parameter names for a message: layer indices folded (``layer.*.``), then owning modules when still long."""
+    import re
+
+    folded = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in names))
+    if len(folded) > most:
+        folded = list(dict.fromkeys(n.rsplit(".", 2)[0] + ".*" for n in folded))
+    shown = ", ".join(folded[:most]) + (f" (+{len(folded) - most} more)" if len(folded) > most else "")
+    return f"{shown} ({len(names)} tensors)" if len(folded) < len(names) else shown
+
+
 def _check_run_dir(run: RunConfig, resume: bool, overwrite: bool) -> Path:
     """The run directory, after the checks that need no model (nothing is created or removed yet)."""
     run_dir = run.output_dir or default_output_dir(run)
@@ -107,7 +118,7 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     def on_built(built: Any) -> None:
         ctx.built = built
         if built.newly_initialized:
-            ctx.say(f"newly initialized (trained as part of the head): {', '.join(built.newly_initialized)}")
+            ctx.say(f"newly initialized (trained as part of the head): {_name_patterns(built.newly_initialized)}")
         for ext in extensions:
             ext.on_build(ctx)
 

@@ -61,17 +61,17 @@ class Seq2SeqRecords:
 
 
 def _text(value: Any, path: Path, line: int, role: str, *, many: bool) -> list[str]:
-    """A cell as a list of non-empty strings (one for a source, one or more references for a target)."""
+    """A cell as a list of non-empty strings (one for a source, one or more references for a target). Blank
+    items of a list are skipped (SciTLDR has a blank sentence); a cell with no text left is an error."""
     items = value if isinstance(value, list) else [value]
-    if not items:
-        raise DataError(f"empty {role} (an empty list)", path, line)
     out = []
     for item in items:
         if not isinstance(item, str):
             raise DataError(f"{role} must be text or a list of texts, got {type(item).__name__}", path, line)
-        if not item.strip():
-            raise DataError(f"empty {role}", path, line)
-        out.append(item.strip())
+        if item.strip():
+            out.append(" ".join(item.split()))
+    if not out:
+        raise DataError(f"empty {role}", path, line)
     return out if many else [" ".join(out)]
 
 
