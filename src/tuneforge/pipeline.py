@@ -22,7 +22,7 @@ from tuneforge.config import RunConfig, to_yaml
 from tuneforge.engine import LoopContext, Runtime, create_loop, param_groups
 from tuneforge.engine.checkpoint import latest_checkpoint, load_trainable
 from tuneforge.errors import ConfigError
-from tuneforge.extensions import RunContext, create_extensions
+from tuneforge.extensions import Extension, RunContext, create_extensions
 from tuneforge.methods.saved import read_manifest, weights_bytes
 from tuneforge.models.anatomy import num_layers
 from tuneforge.models.scratch import describe, model_source
@@ -98,6 +98,20 @@ class _NoLogger:
         pass
 
 
+def _unsharded(model: Any, run: RunConfig, objective: Any, data: Any, model_path: Path, runtime: Runtime,
+               n_layers: int) -> Any:
+    """FSDP: every rank sends its shards to rank 0 (collective), which loads them into a fresh plain model built
+    the same way (the sharded one cannot be saved as an HF folder); other ranks get None."""
+    from tuneforge.engine.fsdp import full_state
+
+    state = full_state(model)
+    if not runtime.is_main:
+        return None
+    plain = wire(run, objective, data, model_path, runtime, n_layers).model
+    plain.load_state_dict(state)
+    return plain
+
+
 def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quiet: bool = False,
           command: str = "") -> RunResult:
     """Run one training job described by ``run``; returns the run directory and final metrics."""
@@ -107,6 +121,11 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     model_path, model_config = model_source(run)  # a model folder, or the tokenizer folder of a scratch model
     data = objective.load_data(run)  # every input check happens here, before the run dir exists
     extensions = create_extensions(run, objective, data)  # their input checks too
+    lossy = [e.name for e in extensions if type(e).extra_loss is not Extension.extra_loss]
+    if runtime.distributed == "fsdp" and lossy:
+        raise ConfigError(f"extensions that add a loss term ({', '.join(lossy)}) are not supported with "
+                          "train.distributed=fsdp (their anchors and teachers would see sharded weights); use ddp",
+                          key="train.distributed")
     n_layers = num_layers(model_config)
     run.method.check_model(n_layers)
     run_dir = _check_run_dir(run, resume, overwrite)
@@ -132,6 +151,9 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     if wired.method.training_view is not None:
         module, splits = wired.method.training_view(model, run, objective, splits, runtime=runtime, quiet=quiet)
         ctx.training_view = module is not model
+    if runtime.distributed == "fsdp" and module is not model:
+        raise ConfigError(f"method '{run.method.name}' trains a view of the model (cached features), which "
+                          "train.distributed=fsdp does not shard; use ddp", key="train.distributed")
     for ext in extensions:
         splits["train"] = ext.train_data(splits["train"], ctx)
 
@@ -166,6 +188,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     with logs as logger:
         loop.logger = logger
         result = loop.fit()
+    if runtime.distributed == "fsdp":  # gather the shards; rank 0 goes on with a plain copy of the model
+        model = ctx.model = _unsharded(model, run, objective, data, model_path, runtime, n_layers)
     if not runtime.is_main:  # rank 0 alone evaluates the final model and writes the outputs
         runtime.barrier()
         return RunResult(run_dir, {})

@@ -17,6 +17,9 @@ sys.path.insert(0, str(REPO / "tests" / "e2e"))
 from _common import cli_env, sentiment_rows, write_csv  # noqa: E402
 
 TIMEOUT = 300  # seconds per launch: a tiny run takes ~15 s; a hang fails here
+COMMON = ["data.train=train.csv", "data.validation=val.csv", "train.precision=fp32", "train.log_steps=1",
+          "train.lr=1e-2", "train.tensorboard=false"]
+ARGS = ["model=bert", *COMMON, "train.max_steps=16", "train.save_steps=4", "train.eval_steps=100"]
 
 
 def env() -> dict[str, str]:
@@ -73,10 +76,19 @@ def train(cwd: Path, nproc: int, *overrides: str, flags: tuple[str, ...] = ()) -
 
 
 def last_weights(run_dir: Path) -> dict:
-    from safetensors.torch import load_file
+    """The trainable weights of the run's last checkpoint (an FSDP one is converted from its DCP shards)."""
+    import tempfile
 
-    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
-    return load_file(str(ckpts[-1] / "trainable.safetensors"))
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    if not (last / ".metadata").is_file():
+        return load_file(str(last / "trainable.safetensors"))
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(last), f"{tmp}/ckpt.pt")
+        return torch.load(f"{tmp}/ckpt.pt", weights_only=False)["model"]
 
 
 def max_diff(a: dict, b: dict) -> float:

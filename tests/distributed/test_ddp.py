@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 from _dist import (
-    classification_data,
+    ARGS,
+    COMMON,
     complete_checkpoints,
     kill_rank_after_checkpoint,
     last_weights,
     max_diff,
-    no_dropout_model,
     run,
     torchrun_cmd,
     train,
@@ -28,20 +28,6 @@ from _dist import (
 )
 
 pytestmark = pytest.mark.e2e
-
-COMMON = ["data.train=train.csv", "data.validation=val.csv", "train.precision=fp32", "train.log_steps=1",
-          "train.lr=1e-2", "train.tensorboard=false"]
-
-
-ARGS = ["model=bert", *COMMON, "train.max_steps=16", "train.save_steps=4", "train.eval_steps=100"]
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ddp")
-    classification_data(d)
-    no_dropout_model("tiny-bert", d / "bert")
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +38,9 @@ def two_ranks(workdir: Path) -> Path:
     return workdir / "two"
 
 
-def test_two_ranks_equal_one_process_over_the_global_batch(workdir: Path, two_ranks: Path) -> None:
-    train(workdir, 1, *ARGS, "output_dir=one", "train.batch_size=8", flags=("--quiet",))
-    assert max_diff(last_weights(workdir / "one"), last_weights(two_ranks)) < 5e-5
-    one, two = train_losses(workdir / "one"), train_losses(two_ranks)
+def test_two_ranks_equal_one_process_over_the_global_batch(one_process: Path, two_ranks: Path) -> None:
+    assert max_diff(last_weights(one_process), last_weights(two_ranks)) < 5e-5
+    one, two = train_losses(one_process), train_losses(two_ranks)
     assert sorted(one) == sorted(two) == list(range(1, 17))  # logged by rank 0 only: each step once
     assert two == pytest.approx(one, rel=1e-5)
     # only rank 0 wrote the run directory; it holds the final model and the report

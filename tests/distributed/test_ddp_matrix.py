@@ -1,4 +1,4 @@
-"""DDP parity matrix (slow): two ranks at per-rank batch b against one process at batch 2b, for full
+"""DDP and FSDP parity matrix (slow): two ranks at per-rank batch b against one process at batch 2b, for full
 fine-tuning and LoRA, classification and SFT, fp32 and bf16, with and without gradient accumulation.
 
 SFT exercises the loss normalisation: the loss is a mean over response tokens, whose counts differ between
@@ -45,14 +45,19 @@ def _task(task: str) -> list[str]:
 
 
 CASES = [
-    ("classification", "full", "fp32", 1),
-    ("classification", "lora", "fp32", 1),
-    ("classification", "full", "bf16", 1),
-    ("classification", "full", "fp32", 2),
-    ("sft", "full", "fp32", 1),
-    ("sft", "lora", "fp32", 1),
-    ("sft", "full", "bf16", 1),
-    ("sft", "lora", "fp32", 2),
+    ("classification", "full", "fp32", 1, "ddp"),
+    ("classification", "lora", "fp32", 1, "ddp"),
+    ("classification", "full", "bf16", 1, "ddp"),
+    ("classification", "full", "fp32", 2, "ddp"),
+    ("sft", "full", "fp32", 1, "ddp"),
+    ("sft", "lora", "fp32", 1, "ddp"),
+    ("sft", "full", "bf16", 1, "ddp"),
+    ("sft", "lora", "fp32", 2, "ddp"),
+    ("classification", "full", "fp32", 2, "fsdp"),
+    ("classification", "lora", "fp32", 1, "fsdp"),
+    ("sft", "full", "fp32", 1, "fsdp"),
+    ("sft", "lora", "fp32", 2, "fsdp"),
+    ("sft", "full", "bf16", 1, "fsdp"),
 ]
 
 
@@ -68,28 +73,29 @@ def _one_process(workdir: Path, name: str, args: list[str]) -> dict:
     return last_weights(workdir / name)
 
 
-@pytest.mark.parametrize(("task", "method", "precision", "accum"), CASES)
-def test_two_ranks_equal_one_process(workdir: Path, task: str, method: str, precision: str, accum: int) -> None:
+@pytest.mark.parametrize(("task", "method", "precision", "accum", "mode"), CASES)
+def test_two_ranks_equal_one_process(workdir: Path, task: str, method: str, precision: str, accum: int,
+                                     mode: str) -> None:
     name = f"{task}-{method}-{accum}"
     args = [*_task(task), *(LORA if method == "lora" else []), f"train.max_steps={STEPS}",
             f"train.save_steps={STEPS}", f"train.grad_accum={accum}", "train.lr=1e-2", "train.log_steps=1",
             "train.tensorboard=false", "train.eval_steps=100"]
     one = _one_process(workdir, f"{name}-{precision}-1", [*args, f"train.precision={precision}"])
-    train(workdir, 2, *args, f"train.precision={precision}", f"output_dir={name}-{precision}-2",
-          "train.batch_size=2", flags=("--quiet",))
-    two = last_weights(workdir / f"{name}-{precision}-2")
+    train(workdir, 2, *args, f"train.precision={precision}", f"output_dir={name}-{precision}-{mode}",
+          "train.batch_size=2", f"train.distributed={mode}", flags=("--quiet",))
+    two = last_weights(workdir / f"{name}-{precision}-{mode}")
     losses_one = train_losses(workdir / f"{name}-{precision}-1")
-    losses_two = train_losses(workdir / f"{name}-{precision}-2")
+    losses_two = train_losses(workdir / f"{name}-{precision}-{mode}")
     assert sorted(losses_one) == sorted(losses_two) == list(range(1, STEPS + 1))
     if precision == "fp32":
         diff = max_diff(one, two)
-        print(f"{name} fp32: max |w1 - w2| = {diff:.2e}")
+        print(f"{name} {mode} fp32: max |w1 - w2| = {diff:.2e}")
         assert diff < 5e-5
         assert losses_two == pytest.approx(losses_one, rel=1e-4)
     else:
         fp32 = _one_process(workdir, f"{name}-fp32-1", [*args, "train.precision=fp32"])
         ddp, bf16 = _rel(one, two), _rel(one, fp32)
-        print(f"{name} bf16: |w1 - w2| / |w1| = {ddp:.2e}; one process bf16 vs fp32: {bf16:.2e}")
+        print(f"{name} {mode} bf16: |w1 - w2| / |w1| = {ddp:.2e}; one process bf16 vs fp32: {bf16:.2e}")
         assert ddp < 0.5 * bf16
         assert losses_two == pytest.approx(losses_one, rel=1e-2)
 

@@ -242,7 +242,7 @@ class TrainConfig(StrictModel):
         "AVX512-BF16/AMX), fp16 with a grad scaler on older GPUs, else fp32; weights stay fp32")
     distributed: Literal["auto", "none", "ddp", "fsdp"] = Field(
         "auto", description="under torchrun/accelerate (WORLD_SIZE > 1): auto = ddp; batch_size is per rank, the "
-        "global batch is batch_size x ranks x grad_accum; fsdp is not implemented yet (refused)")
+        "global batch is batch_size x ranks x grad_accum; fsdp = FSDP2 fully_shard with sharded (DCP) checkpoints")
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
     seed: int = 42
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: each epoch)")

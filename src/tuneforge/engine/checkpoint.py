@@ -13,10 +13,14 @@ Under DDP (`engine.distributed`) the weights, optimizer and scheduler are the sa
 alone writes the checkpoint; the RNG states differ per rank (dropout), so each rank's is gathered to rank 0
 and kept in ``rng-ranks.pt``. Every rank reads the same folder on resume and restores its own RNG state when
 the world size is unchanged (rank 0's otherwise; data order does not depend on it, see `data.batching`).
+Under FSDP each rank holds a shard, so every rank writes its shards with ``torch.distributed.checkpoint``
+into rank 0's temporary folder (`engine.fsdp`); the folder holds ``.metadata`` and ``*.distcp`` instead of
+``trainable.safetensors`` and is published by the same rename.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
@@ -30,6 +34,7 @@ from torch import nn
 
 from tuneforge.engine import distributed as dist_
 from tuneforge.engine.runtime import Runtime
+from tuneforge.errors import ConfigError
 from tuneforge.track.atomic import atomic_directory
 
 __all__ = ["TrainerState", "latest_checkpoint", "load_checkpoint", "rotate_checkpoints", "save_checkpoint"]
@@ -78,12 +83,25 @@ def save_checkpoint(
     final = ckpt_root / f"step-{state.step:08d}"
     runtime = runtime or Runtime.cpu()
     rng_ranks = dist_.gather_objects(runtime.rng_state()) if runtime.world_size > 1 else None
-    if not runtime.is_main:  # rank 0 writes; the caller waits at a barrier
+    sharded = runtime.distributed == "fsdp"
+    if not runtime.is_main and not sharded:  # rank 0 writes; the caller waits at a barrier
         return final
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(final) as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    with contextlib.ExitStack() as stack:
+        tmp = None
+        if runtime.is_main:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            tmp = stack.enter_context(atomic_directory(final))
+        if sharded:  # every rank writes its shards into rank 0's temporary folder
+            from tuneforge.engine.fsdp import save_sharded
+
+            tmp = dist_.broadcast_object(tmp)
+            save_sharded(tmp, model, optimizer)
+            if not runtime.is_main:
+                return final
+            torch.save({"scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        else:
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
         torch.save(runtime.rng_state(), tmp / "rng.pt")
         if rng_ranks is not None:
             torch.save(rng_ranks, tmp / "rng-ranks.pt")
@@ -110,8 +128,26 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def _is_sharded_model(model: nn.Module) -> bool:
+    """Whether ``model`` is sharded by FSDP (its parameters are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def is_sharded_checkpoint(ckpt: Path) -> bool:
+    """Whether ``ckpt`` was written by FSDP ranks (``torch.distributed.checkpoint`` shards, `engine.fsdp`)."""
+    return (Path(ckpt) / ".metadata").is_file()
+
+
 def load_trainable(model: nn.Module, ckpt: Path) -> None:
-    """Copy a checkpoint's trainable tensors into ``model`` (names must match exactly)."""
+    """Copy a checkpoint's trainable tensors into ``model`` (names must match exactly); a sharded (FSDP)
+    checkpoint is gathered into a plain model in this process alone."""
+    if is_sharded_checkpoint(ckpt):
+        from tuneforge.engine.fsdp import load_sharded_trainable
+
+        load_sharded_trainable(ckpt, model)
+        return
     tensors = load_file(str(ckpt / "trainable.safetensors"))
     params = dict(model.named_parameters())
     missing = [k for k in tensors if k not in params]
@@ -127,10 +163,18 @@ def load_checkpoint(
 ) -> tuple[TrainerState, dict[str, Any]]:
     """Restore model, optimizer, scheduler and RNG from ``ckpt``; returns its trainer state and the
     ``extra`` state saved with it (empty when none)."""
-    load_trainable(model, ckpt)
-    # map_location: a GPU checkpoint opens on a CPU; load_state_dict moves optimizer state to each parameter
     optim = torch.load(ckpt / "optim.pt", weights_only=False, map_location="cpu")
-    optimizer.load_state_dict(optim["optimizer"])
+    if is_sharded_checkpoint(ckpt):  # FSDP: resharded to this world size (or to one process)
+        from tuneforge.engine.fsdp import load_sharded
+
+        load_sharded(ckpt, model, optimizer)
+    else:
+        if _is_sharded_model(model):
+            raise ConfigError(f"{ckpt} was written by one process or DDP; train.distributed=fsdp resumes only its own "
+                              "(sharded) checkpoints: resume it with ddp", key="train.distributed")
+        load_trainable(model, ckpt)
+        # map_location: a GPU checkpoint opens on a CPU; load_state_dict moves optimizer state to each parameter
+        optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
     Runtime.set_rng_state(_rng_of_this_rank(ckpt))
     extra = torch.load(ckpt / "extra.pt", weights_only=False, map_location="cpu") if (ckpt / "extra.pt").is_file() else {}

@@ -159,6 +159,11 @@ def no_sync(module: nn.Module, skip_sync: bool) -> contextlib.AbstractContextMan
     Forward and backward must both run inside it."""
     if skip_sync and isinstance(module, DistributedDataParallel):
         return module.no_sync()
+    if skip_sync:
+        from tuneforge.engine.fsdp import gradient_sync, is_fsdp
+
+        if is_fsdp(module):
+            return gradient_sync(module, False)
     return contextlib.nullcontext()
 
 

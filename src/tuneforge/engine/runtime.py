@@ -96,12 +96,11 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _distributed_mode(requested: str, world_size: int) -> str:
-    """``train.distributed`` under a launcher of ``world_size`` > 1 processes -> ``ddp``."""
+    """``train.distributed`` under a launcher of ``world_size`` > 1 processes -> ``ddp`` or ``fsdp``."""
     if requested in ("auto", "ddp"):
         return "ddp"
     if requested == "fsdp":
-        raise ConfigError("train.distributed=fsdp is not implemented yet (FSDP2 needs sharded checkpoints and the "
-                          "gloo reduction fix of pytorch#162338); use ddp", key="train.distributed")
+        return "fsdp"
     raise ConfigError(f"train.distributed=none but the launcher started {world_size} processes; each would train "
                       "alone into the same output_dir. Use ddp (or auto), or start one process",
                       key="train.distributed")
@@ -132,7 +131,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    distributed: str = "none"  # how the training module is wrapped: none | ddp
+    distributed: str = "none"  # how the training module is wrapped: none | ddp | fsdp
     backend: str = ""  # the process group's backend (gloo, nccl) when world_size > 1
 
     @classmethod
@@ -140,8 +139,6 @@ class Runtime:
         """From ``train.device`` / ``train.precision`` / ``train.distributed`` values and the launcher's
         environment; errors name those keys. Under a launcher (``WORLD_SIZE`` > 1) this joins the process group."""
         place = dist_.env_placement()
-        if distributed == "fsdp":
-            _distributed_mode(distributed, place.world_size)  # refused until implemented
         if place.world_size == 1:
             dev = resolve_device(device)
             return cls(device=dev, precision=resolve_precision(precision, dev))
@@ -202,9 +199,13 @@ class Runtime:
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module that runs forward in training: under DDP, ``model`` wrapped (gradients averaged over
-        ranks); in one process, ``model`` itself."""
+        ranks); under FSDP, ``model`` itself sharded in place (`engine.fsdp`); in one process, ``model``."""
         if self.distributed == "ddp":
             return dist_.wrap_ddp(model, self.device)
+        if self.distributed == "fsdp":
+            from tuneforge.engine.fsdp import shard_model
+
+            return shard_model(model)
         return model
 
     @staticmethod

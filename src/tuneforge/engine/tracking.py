@@ -2,7 +2,8 @@
 
 Under several processes, rank 0 evaluates the unwrapped model on the whole validation split while the other
 ranks wait, and its metrics are broadcast so every rank updates the same best-metric and early-stopping
-state (the ranks must agree on when to save and stop). Evaluation is not sharded: metrics such as F1,
+state (the ranks must agree on when to save and stop); under FSDP every rank evaluates, since each forward
+gathers the sharded weights from all of them. Evaluation is not sharded: metrics such as F1,
 seqeval or SQuAD EM/F1 are not sums over examples, and the objectives compute them from the whole split.
 """
 
@@ -50,7 +51,8 @@ class EvalTracker:
         batch_size = self.cfg.eval_batch_size or 2 * self.cfg.batch_size
         inner = self.runtime.unwrap(module)  # a DDP wrapper's forward would be a collective
         metrics = None
-        if self.runtime.is_main:
+        # FSDP: every rank's forward all-gathers the weights, so every rank evaluates (the same numbers)
+        if self.runtime.is_main or self.runtime.distributed == "fsdp":
             metrics = self.objective.evaluate(inner, self.eval_data, batch_size=batch_size, runtime=self.runtime)
         metrics = self.runtime.broadcast(metrics)
         module.train()
