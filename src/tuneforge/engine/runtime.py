@@ -8,7 +8,7 @@ AMX, fp16 autocast with a gradient scaler on older GPUs, fp32 elsewhere; weights
 this process's rank, local rank and world size (read from the launcher's environment: ``torchrun``,
 ``accelerate launch``; see `engine.distributed`, which also joins the process group, gloo on CPUs and
 nccl on GPUs, and picks the GPU of the local rank). It moves models and batches, wraps the training
-module for data parallelism (``train.distributed``), opens the autocast and inference contexts, and
+module for data parallelism (``train.distributed``: DDP, or FSDP2 in `engine.fsdp`), opens the autocast and inference contexts, and
 carries the RNG state of every generator in use (Python, torch CPU, CUDA) for exact resume.
 
 Why bf16 autocast and fp32 master weights: on CPUs with AVX-512 BF16 or AMX and on Ampere+ GPUs, bf16
