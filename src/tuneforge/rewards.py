@@ -65,7 +65,10 @@ def check_reward(task: Any) -> RewardSpec:
     if path.is_dir():
         from tuneforge.inference import load_run
 
-        run = load_run(path, [])
+        try:
+            run = load_run(path, [])
+        except ConfigError as e:
+            raise ConfigError(str(e).removeprefix("config error: "), key="task.reward") from None
         kind = run.task.name
         if kind not in RUN_KINDS:
             raise ConfigError(f"{path} is a '{kind}' run; task.reward takes a reward-model run (task: reward), a "

@@ -234,3 +234,28 @@ def test_bad_reward_sources_are_config_errors_naming_the_key(prompts: Path, tmp_
     proc = cli("train", *args, cwd=tmp_path, check=False)
     assert proc.returncode == 2
     assert "config error at 'task.reward'" in proc.stdout + proc.stderr and "nan" in proc.stdout + proc.stderr
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(("recipe", "expect"), [
+    ("kto-smollm2-lora.yaml", ["config ok: task=kto method=lora model=smollm2-135m", "train=160, validation=40"]),
+    ("ppo-smollm2-positive.yaml", ["config ok: task=ppo method=lora model=smollm2-135m", "train=2000, validation=32",
+                                   "reward: classification runs/sst2-minilm (label '1')"]),
+])
+def test_alignment_recipes_validate(recipe: str, expect: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuneforge.inference import validate_run
+
+    monkeypatch.chdir(REPO)  # recipes name ../shared/... and runs/... relative to the checkout
+    run = load_config(REPO / "recipes" / recipe)
+    assert (REPO / "recipes" / recipe).read_text().startswith(f"# tuneforge train recipes/{recipe}")
+    if not Path(run.data.train).is_file():
+        pytest.skip(f"shared data not found: {run.data.train}")
+    if run.task.name == "ppo" and not (REPO / run.task.reward / "model").is_dir():
+        with pytest.raises(ConfigError, match=r"task\.reward"):  # the reward run must be trained first
+            validate_run(run)
+        pytest.skip(f"the reward run {run.task.reward} is not trained here (recipes/sst2-minilm.yaml)")
+    summary = validate_run(run)
+    for text in expect:
+        assert text in summary, summary
