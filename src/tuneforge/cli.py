@@ -191,6 +191,10 @@ def _quiet_libraries() -> None:
 
     # bitsandbytes (imported by peft) logs a missing optional kernel package on every CPU start.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # torchao (method=qat; transformers imports it whenever it is installed) logs CUDA kernels it cannot load,
+    # and torch's pytree a deprecation for torchao's enums, at import.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     hf_logging.disable_progress_bar()
 

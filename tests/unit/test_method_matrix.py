@@ -42,6 +42,7 @@ STEPS = 5
 # (method, model) -> text of the documented ConfigError (raised at config validation, key 'method').
 REFUSED: dict[tuple[str, str], str] = {
     ("bitfit", "tiny-llama"): "has none in its backbone",
+    ("qat", "tiny-gpt2"): "Conv1D layers are not nn.Linear",  # torchao's QAT swaps nn.Linear only
 }
 
 # method -> (parameter name, head parameter names) -> whether the method trains it.
@@ -58,7 +59,13 @@ INTENDED: dict[str, Callable[[str, set[str]], bool]] = {
     "prefix": lambda n, head: n.startswith("prompt_encoder.") or ".modules_to_save." in n,
     "ptuning_v2": lambda n, head: n.startswith("prompt_encoder.") or ".modules_to_save." in n,
     "prompt": lambda n, head: n.startswith("prompt_encoder.") or ".modules_to_save." in n,
+    "qat": lambda n, head: True,
 }
+
+# method -> merge-parity tolerance where merged weights cannot compute exactly as the method does. QAT: the
+# merged model holds the dequantised int weights in plain fp32 layers, so activations are no longer rounded
+# to int8 (measured up to 1.1e-3 on tiny-llama).
+MERGE_ATOL: dict[str, float] = {"qat": 1e-2}
 
 CASES = [(m, model) for m in sorted(METHODS) for model in MODELS]
 
@@ -167,7 +174,7 @@ def test_method(method: str, model: str, data: tuple[Path, Path], tmp_path: Path
     if runtime.merge is not None:
         fresh = load_trained(AutoModelForSequenceClassification, out / "model", dtype=torch.float32)
         merged = runtime.merge(fresh)
-        torch.testing.assert_close(_logits(merged, obj, batches), loaded, atol=1e-4, rtol=0)
+        torch.testing.assert_close(_logits(merged, obj, batches), loaded, atol=MERGE_ATOL.get(method, 1e-4), rtol=0)
     elif runtime.save is not None:
         assert isinstance(runtime.merge_unsupported, str) and runtime.merge_unsupported
     else:  # saved as a plain transformers folder: nothing to merge

@@ -19,6 +19,7 @@ from tuneforge.methods.partial.config import PartialConfig
 from tuneforge.methods.prefix.config import PrefixConfig
 from tuneforge.methods.prompt.config import PromptConfig
 from tuneforge.methods.ptuning_v2.config import PtuningV2Config
+from tuneforge.methods.qat.config import QatConfig
 from tuneforge.methods.qlora.config import QLoraConfig
 
 register(MethodSpec("full", FullConfig, "tuneforge.methods.full.apply"))
@@ -32,5 +33,6 @@ register(MethodSpec("ia3", IA3Config, "tuneforge.methods.ia3.apply"))
 register(MethodSpec("prefix", PrefixConfig, "tuneforge.methods.prefix.apply"))
 register(MethodSpec("ptuning_v2", PtuningV2Config, "tuneforge.methods.ptuning_v2.apply"))
 register(MethodSpec("prompt", PromptConfig, "tuneforge.methods.prompt.apply"))
+register(MethodSpec("qat", QatConfig, "tuneforge.methods.qat.apply"))
 
 __all__ = ["METHODS", "MethodContext", "MethodRuntime", "MethodSpec", "get_method", "register"]

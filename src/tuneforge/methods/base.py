@@ -14,7 +14,9 @@ whose ``METHOD = MethodRuntime(...)`` declares what the method can do. Callers a
 * ``reference(model) -> Reference``: a context in which the model computes as the untouched base (the
   reference model of DPO/KTO/PPO and distillation from the base, without a copy where the method allows);
 * ``attach(model, folder, name)`` / ``activate(model, name)``: several saved method folders on one
-  loaded base, one active at a time (the server); ``multi_unsupported`` says why a method cannot.
+  loaded base, one active at a time (the server); ``multi_unsupported`` says why a method cannot;
+* ``self_contained``: ``save`` writes the whole model, so the manifest's base model is the folder itself
+  (QAT: fp32 weights that ``load`` quantises).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class MethodRuntime:
     attach: Callable[[nn.Module, Path, str], nn.Module] | None = None
     activate: Callable[[nn.Module, str], None] | None = None
     multi_unsupported: str | None = None
+    self_contained: bool = False
 
     def __post_init__(self) -> None:
         if (self.save is None) != (self.load is None):

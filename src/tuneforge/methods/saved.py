@@ -42,7 +42,8 @@ def save_trained(model: nn.Module, folder: Path, method_cfg: Any, base_model: Pa
     config = model.config if hasattr(model, "config") else model.get_base_model().config
     config.save_pretrained(folder)
     atomic_write_json(folder / METHOD_FILE, {
-        "method": method_cfg.name, "options": method_cfg.model_dump(mode="json"), "base_model": str(base_model),
+        "method": method_cfg.name, "options": method_cfg.model_dump(mode="json"),
+        "base_model": "." if runtime.self_contained else str(base_model),  # "." : the folder holds the whole model
     })
 
 
