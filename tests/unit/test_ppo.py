@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -259,3 +260,27 @@ def test_alignment_recipes_validate(recipe: str, expect: list[str], monkeypatch:
     summary = validate_run(run)
     for text in expect:
         assert text in summary, summary
+
+
+def _methods() -> list[str]:
+    from tuneforge.methods import METHODS
+
+    return [m for m in sorted(METHODS) if m not in ("frozen", "qlora")]  # frozen: refused (no LM head to train)
+
+
+@pytest.mark.parametrize("method", _methods())
+def test_every_method_trains_ppo_with_its_reference_context(method: str, prompts: Path, tmp_path: Path) -> None:
+    """Two iterations under each method. The first samples from the untrained policy, which the method's
+    reference context reproduces (KL 0), except for methods that prepend freshly initialised virtual tokens
+    (prefix, prompt, P-tuning v2): their untrained policy already differs from the base, which is the reference."""
+    model = "tiny-gpt2" if method == "bitfit" else "tiny-llama"  # llama has no biases
+    res = train(load_config(None, overrides(prompts, tmp_path / "run", f"method={method}", f"model={model}",
+                                            "train.max_steps=2", "train.batch_size=4", "task.max_new_tokens=3",
+                                            "train.eval_steps=2", "data.max_eval_samples=4")), quiet=True)
+    rows = _train_rows(res.run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    run = load_config(res.run_dir / "config.yaml")
+    if not run.method.virtual_tokens:
+        assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert all(math.isfinite(r["kl"]) and math.isfinite(r["loss"]) for r in rows)
+    assert res.metrics["splits"]["validation"]["examples"] == 4
