@@ -123,6 +123,7 @@ def test_ppo_raises_the_reward_with_the_kl_held_by_the_controller(prompts: Path,
         assert cur["kl_coef"] == pytest.approx(prev["kl_coef"] * (1 + error * prev["completions"] / 100), rel=1e-9)
     for key in ("entropy", "clip_frac", "value_loss", "policy_loss", "response_length"):
         assert all(key in r for r in rows)
+    assert (res.run_dir / "plots" / "rollout.png").stat().st_size > 10_000  # reward and KL per iteration
     m = res.metrics["splits"]["validation"]
     assert set(m) >= {"reward", "kl", "response_length", "eos_rate"} and m["reward"] > first
 

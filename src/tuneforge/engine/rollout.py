@@ -31,6 +31,7 @@ import math
 import time
 from collections import defaultdict
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,7 +54,36 @@ from tuneforge.objectives.rl_math import (
 )
 from tuneforge.objectives.rollouts import sample, score_tokens
 
-__all__ = ["RolloutLoop"]
+__all__ = ["RolloutLoop", "write_rollout_plot"]
+
+
+def write_rollout_plot(run_dir: Path) -> Path | None:
+    """``plots/rollout.png``: mean reward and KL to the reference per iteration (train) and per evaluation."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from tuneforge.track import read_metrics
+
+    rows = read_metrics(run_dir)
+    if not any(r.get("split") == "train" and "reward" in r for r in rows):
+        return None
+    fig = Figure(figsize=(9, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    for k, key in enumerate(("reward", "kl")):
+        ax = fig.add_subplot(1, 2, k + 1)
+        for split, style in (("train", {"linewidth": 1.0}), ("eval", {"marker": "o"})):
+            pts = [(r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), (int, float))]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), label=split, **style)
+        ax.set_title("mean reward" if key == "reward" else "KL to the reference (nats per completion)")
+        ax.set_xlabel("iteration")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    path = run_dir / "plots" / "rollout.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
 
 
 def _value_head(model: nn.Module) -> nn.Linear:
@@ -159,6 +189,8 @@ class RolloutLoop(LoopBase):
         finally:
             bar.close()
         st.finished = True
+        if self.runtime.is_main:
+            write_rollout_plot(self.ctx.run_dir)
         return FitResult(st, self.best_checkpoint(), self.last_eval)
 
     def _maybe_eval_and_save(self, epoch_end: bool) -> None:
