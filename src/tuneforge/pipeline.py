@@ -205,7 +205,8 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     metrics.update({name: block for name, block in blocks.items() if block is not None})
     save_model(run_dir / "model", model, tokenizer, objective, data, run, model_path)
     size = weights_bytes(run_dir / "model")
-    what = "method weights and head only" if read_manifest(run_dir / "model") else "whole model"
+    manifest = read_manifest(run_dir / "model")  # a self-contained method (qat) saves the whole model too
+    what = "method weights and head only" if manifest and manifest["base_model"] != "." else "whole model"
     ctx.say(f"saved {run_dir / 'model'}: {size / 2**20:,.2f} MiB of weights ({what})")
     atomic_write_json(run_dir / "metrics.json", metrics)
     write_plots(run_dir)

@@ -46,13 +46,15 @@ REFUSED: dict[tuple[str, str, str], str] = {
     ("bitfit", "span_corruption", "tiny-t5"): "has none in its backbone",
     # peft has prompt-learning wrappers for classification, QA, causal and seq2seq LMs, not masked LMs
     **{(m, "mlm", "tiny-bert"): "peft has none for masked language models" for m in ("prefix", "prompt", "ptuning_v2")},
+    # torchao's QAT swaps nn.Linear layers; GPT-2's are transformers Conv1D
+    ("qat", "clm", "tiny-gpt2"): "Conv1D layers are not nn.Linear",
 }
 
 # Learning rates large enough that STEPS steps visibly lower the held-out loss of the (random) tiny models.
 # The methods' defaults suit longer runs (full and partial default to 5e-5); ia3 diverges on tiny-bert at 3e-1.
 LR: dict[str, float] = {
     "full": 3e-3, "partial": 3e-3, "adapter": 1e-2, "bitfit": 3e-3, "lora": 1e-2, "qlora": 1e-2, "ia3": 1e-1,
-    "prefix": 3e-1, "ptuning_v2": 1e-1, "prompt": 3e-1,
+    "prefix": 3e-1, "ptuning_v2": 1e-1, "prompt": 3e-1, "qat": 3e-3,
 }  # prefix: its reparameterisation MLP trains at 0.03 of the rate (`lr_scales`), 9e-3 here
 # Method options beyond the defaults: partial's default freeze_layers=2 freezes both tiny blocks (and the
 # embeddings, which tied LM heads share), leaving only the final norm to train.

@@ -38,7 +38,7 @@ REFUSED: dict[tuple[str, str], str] = {
        for m in ("prefix", "prompt", "ptuning_v2")},
 }
 LR = {"full": 3e-3, "partial": 3e-3, "adapter": 1e-2, "bitfit": 1e-2, "lora": 1e-2, "qlora": 1e-2, "ia3": 1e-1,
-      "prefix": 3e-1, "ptuning_v2": 1e-1, "prompt": 3e-1}
+      "prefix": 3e-1, "ptuning_v2": 1e-1, "prompt": 3e-1, "qat": 3e-3}
 OPTIONS: dict[str, tuple[str, ...]] = {"partial": ("method.freeze_layers=1",)}
 MIN_DROP = 0.02
 # a soft prompt (or prefix) can only move a random tiny T5's encoder output a little in a few steps
