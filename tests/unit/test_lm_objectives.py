@@ -147,10 +147,12 @@ def _every_method() -> list[str]:
 
 @pytest.mark.parametrize("method", _every_method())
 def test_every_method_trains_sft_and_generates(tmp_path: Path, chat_file: Path, method: str) -> None:
-    """tiny-gpt2 (it has biases, for bitfit): two steps, then the saved run reloads and generates."""
+    """tiny-gpt2 (it has biases, for bitfit; qat, which needs nn.Linear layers, on tiny-llama): two steps,
+    then the saved run reloads and generates."""
     from tuneforge.generation import GenerationOptions, generate, load_model
 
-    res = train(_cfg(tmp_path, "model=tiny-gpt2", "task=sft", f"method={method}", f"data.train={chat_file}",
+    model = "tiny-llama" if method == "qat" else "tiny-gpt2"
+    res = train(_cfg(tmp_path, f"model={model}", "task=sft", f"method={method}", f"data.train={chat_file}",
                      "train.max_steps=2", "data.max_eval_samples=4"), quiet=True)
     assert math.isfinite(res.metrics["splits"]["validation"]["loss"])
     loaded = load_model(res.run_dir)

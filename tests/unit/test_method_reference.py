@@ -30,9 +30,11 @@ L = 7  # tokens per row
 HAS_BNB = importlib.util.find_spec("bitsandbytes") is not None
 
 # (method, model, kind): tiny-bert classification for all; tiny-gpt2 causal LM for all that take an LM
-# (frozen trains a task head only, and a causal LM's head is the pretrained LM head: refused by design).
+# (frozen trains a task head only, and a causal LM's head is the pretrained LM head: refused by design;
+# qat quantises nn.Linear layers, which GPT-2's Conv1D are not: tiny-llama instead).
+LM_MODEL = {"qat": "tiny-llama"}
 CASES = [(m, "tiny-bert", "cls") for m in sorted(METHODS)] + [
-    (m, "tiny-gpt2", "lm") for m in sorted(METHODS) if m != "frozen"
+    (m, LM_MODEL.get(m, "tiny-gpt2"), "lm") for m in sorted(METHODS) if m != "frozen"
 ]
 
 
@@ -78,7 +80,9 @@ def _setup(method: str, model: str, kind: str):
     applied = _logits(m, batch)
     assert runtime.reference is not None, f"method '{method}' has no reference"
     ref = runtime.reference(m)  # once, right after apply (before training)
-    expected = applied if method == "qlora" else base
+    # qlora's base is the quantised one; qat's reference is the starting model as it computes in training
+    # (fake-quantised), so a DPO policy and its reference agree exactly at step 0
+    expected = applied if method in ("qlora", "qat") else base
     return m, ref, batch, expected
 
 
