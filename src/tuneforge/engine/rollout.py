@@ -242,7 +242,9 @@ class RolloutLoop(LoopBase):
         """One iteration (see module docstring); returns its log row."""
         t, st = self.task, self.state
         self.module.eval()  # no dropout anywhere in the loop (see module docstring)
+        t0 = time.perf_counter()
         ro, exp, row = self._experience(indices)
+        t1 = time.perf_counter()
         n = ro.input_ids.shape[0]
         stats: dict[str, list[float]] = defaultdict(list)
         for _ in range(t.ppo_epochs):
@@ -263,6 +265,7 @@ class RolloutLoop(LoopBase):
         self.kl_ctl.update(row["kl"], n)
         row.update({k: sum(v) / len(v) for k, v in stats.items()})
         row["completions"] = n
+        row["rollout_seconds"], row["update_seconds"] = t1 - t0, time.perf_counter() - t1
         row["lr"] = self.scheduler.get_last_lr()[0]
         row["epoch"] = st.step / self.steps_per_epoch
         if self.stepper.last_grad_norm is not None:
