@@ -11,6 +11,7 @@ far below the per-step change of the weights (~1e-2).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,10 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture(scope="module")
 def two_ranks(workdir: Path) -> Path:
-    """The reference run: 2 ranks x batch 4, 16 steps, uninterrupted."""
-    out = train(workdir, 2, *ARGS, "output_dir=two", "train.batch_size=4")
+    """The reference run: 2 ranks x batch 4, 16 steps, uninterrupted; started with ``tuneforge train --nproc 2``
+    (the shortcut that runs torchrun), the other runs with torchrun itself."""
+    out = run([sys.executable, "-m", "tuneforge", "train", *ARGS, "output_dir=two", "train.batch_size=4", "--nproc",
+               "2"], workdir)
     assert "global batch: 4 per rank x 2 ranks x 1 accumulation = 8" in out.stdout
     return workdir / "two"
 
