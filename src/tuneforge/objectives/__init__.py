@@ -47,7 +47,7 @@ register(ObjectiveSpec("extractive_qa", ExtractiveQAConfig, "tuneforge.objective
                        model_class="AutoModelForQuestionAnswering", predicts=True, task_head=True, metric_scale=100.0,
                        serve_route="answer"))
 register(ObjectiveSpec("seq2seq", Seq2SeqConfig, "tuneforge.objectives.seq2seq", model_class="AutoModelForSeq2SeqLM",
-                       predicts=True))
+                       predicts=True, final_eval=True))
 register(ObjectiveSpec("contrastive", ContrastiveConfig, "tuneforge.objectives.contrastive", model_class="AutoModel",
                        embeds=True))
 register(ObjectiveSpec("multitask", MultiTaskConfig, "tuneforge.objectives.multitask",

@@ -38,6 +38,7 @@ __all__ = [
     "OBJECTIVES",
     "Built",
     "FeatureHeadObjective",
+    "FinalEvalObjective",
     "GenerativeObjective",
     "Objective",
     "ObjectiveSpec",
@@ -122,9 +123,6 @@ class Objective(Protocol):
     def baseline_metrics(self, train: Any, records: Any) -> dict[str, float]:
         """Reference numbers for a split that need no model (e.g. majority-class accuracy); may be empty."""
 
-    # Optional: ``evaluate_final(model, data, *, batch_size, runtime)``, the end-of-run and ``tuneforge eval``
-    # evaluation when it differs from the one run during training (seq2seq generates text only there by
-    # default); `final_evaluation` calls it, or ``evaluate``.
 
 
 class GenerativeObjective(Objective, Protocol):
@@ -150,6 +148,14 @@ class FeatureHeadObjective(Objective, Protocol):
 
     def feature_head(self, model: nn.Module) -> tuple[Callable[[dict], torch.Tensor], nn.Module]:
         """(batch -> the features the head reads, module mapping cached features to outputs)."""
+
+
+class FinalEvalObjective(Objective, Protocol):
+    """Objectives whose spec says ``final_eval=True``: the end-of-run and ``tuneforge eval`` evaluation differs
+    from the one run during training (seq2seq generates text and scores BLEU/ROUGE only there by default)."""
+
+    def evaluate_final(self, model: nn.Module, data: Batches, *, batch_size: int, runtime: Runtime) -> dict[str, Any]:
+        """Metrics over a whole split at the end of a run (see `final_evaluation`)."""
 
 
 class TaskHeadObjective(Objective, Protocol):
@@ -181,6 +187,7 @@ class ObjectiveSpec:
         embeds: produces sentence vectors (``encode(built, texts, batch_size=, runtime=)``; ``tuneforge embed``).
         serve_route: ``tuneforge serve`` answers its runs' ``predict`` on ``/v1/<serve_route>`` (classify, tag,
             answer); empty: no task route.
+        final_eval: implements `FinalEvalObjective` (`final_evaluation` calls its ``evaluate_final``).
         metric_scale: the headline metric's full scale (100 for SQuAD's percent EM/F1): a multi-task score
             averages headline metrics as fractions.
     """
@@ -200,6 +207,7 @@ class ObjectiveSpec:
     embeds: bool = False
     metric_scale: float = 1.0
     serve_route: str = ""
+    final_eval: bool = False
 
     def create(self, run: RunConfig) -> Objective:
         """Instantiate the objective for one run (it may keep run state, e.g. class weights)."""
@@ -242,7 +250,7 @@ def step_loss(objective: Objective, model: nn.Module, batch: dict[str, torch.Ten
 def final_evaluation(objective: Objective, model: nn.Module, data: Batches, *, batch_size: int,
                      runtime: Runtime) -> dict[str, Any]:
     """The objective's end-of-run evaluation: ``evaluate_final`` when it has one, else ``evaluate``."""
-    run_eval = getattr(objective, "evaluate_final", None) or objective.evaluate
+    run_eval = objective.evaluate_final if objective.spec.final_eval else objective.evaluate
     return run_eval(model, data, batch_size=batch_size, runtime=runtime)
 
 
