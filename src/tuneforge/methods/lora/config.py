@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tuneforge.config.schema import MethodConfig
 
@@ -75,6 +75,14 @@ class LoraConfig(MethodConfig):
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(r) (rsLoRA)")
     use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA): learned magnitude + LoRA direction")
     default_lr: ClassVar[float] = 2e-3
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_qat(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "qat" in data:  # issue 13 asks for it; not built yet (docs/qat.md)
+            raise ValueError("quantization-aware training on top of LoRA (method.qat) is not supported; use "
+                             "method=qat (QAT of every weight, docs/qat.md)")
+        return data
 
     @field_validator("target_modules", mode="before")
     @classmethod
