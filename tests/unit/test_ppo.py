@@ -281,7 +281,7 @@ def test_every_method_trains_ppo_with_its_reference_context(method: str, prompts
     rows = _train_rows(res.run_dir)
     assert [r["step"] for r in rows] == [1, 2]
     run = load_config(res.run_dir / "config.yaml")
-    if not run.method.virtual_tokens:
-        assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    if not run.method.virtual_tokens:  # qat: the reference is the fp32 base, the policy fake-quantised (7.8e-5)
+        assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-3 if method == "qat" else 1e-5)
     assert all(math.isfinite(r["kl"]) and math.isfinite(r["loss"]) for r in rows)
     assert res.metrics["splits"]["validation"]["examples"] == 4

@@ -19,7 +19,9 @@
   QLoRA's merge dequantises NF4): the closest plain model to the deployed one; the printed probe difference
   is the activation rounding it no longer does. Quantising it again with the same config gives the same
   int weights.
-* ``reference`` (DPO, distillation from the base): a frozen copy of the prepared model (fake-quantised).
+* ``reference`` (DPO, distillation from the base): a frozen copy of the starting model computing in fp32
+  (fake quantisation off), i.e. the base model as loaded, which is also what DPO's precomputed reference
+  log-probs come from.
 
 torchao is imported lazily, only for method=qat, under `quiet_torchao` (its import logs optional CUDA
 kernels it cannot load on this machine, and torch's pytree a deprecation).
@@ -181,8 +183,18 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def reference(model: nn.Module) -> Reference:
-    """A frozen copy of the prepared model (every weight trains, so no cheaper reference exists)."""
-    return copy_reference(model)
+    """A frozen copy of the starting model with fake quantisation off: the fp32 base, the same model DPO
+    precomputes its reference log-probs with (every weight trains, so no cheaper reference exists)."""
+    inner = copy_reference(model)
+    enable = _torchao().enable
+
+    @contextlib.contextmanager
+    def fp32_reference() -> Iterator[nn.Module]:
+        with inner() as frozen:
+            frozen.apply(lambda m: enable(m, False))
+            yield frozen
+
+    return fp32_reference
 
 
 METHOD = MethodRuntime(apply=apply, save=save, load=load, merge=merge, reference=reference,
