@@ -68,10 +68,9 @@ def main() -> None:
 
     with args.dev.open(encoding="utf-8") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    texts, labels = [r["sentence"] for r in rows], [int(r["label"]) for r in rows]
     folder = args.run / "model"
     names = json.loads((folder / "labels.json").read_text())["labels"]
-    labels = [names.index(str(y)) for y in labels]
+    texts, labels = [r["sentence"] for r in rows], [names.index(r["label"]) for r in rows]
     tok = AutoTokenizer.from_pretrained(folder)
     models = {"fp32 (QAT master weights)": AutoModelForSequenceClassification.from_pretrained(folder).eval(),
               "converted (QAT)": load_trained(AutoModelForSequenceClassification, folder).eval()}
