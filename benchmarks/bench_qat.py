@@ -7,7 +7,7 @@ of the state dict), the median latency of a forward pass at batch 1 and batch 32
 (dynamic padding, ``inference_mode``, fp32, after warm-up), and the accuracy of both on the dev file.
 Optionally an fp32 fine-tuning run (``--fp32-run``) is scored the same way for the accuracy comparison.
 
-    python benchmarks/bench_qat.py RUN_DIR --dev ../shared/data/sst2/dev.tsv [--fp32-run RUN] [--threads 2]
+    python benchmarks/bench_qat.py RUN_DIR --dev ../shared/data/sst2/dev.tsv [--fp32-run RUN] [--threads 2] [--no-accuracy]
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--fp32-run", type=Path)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--no-accuracy", action="store_true", help="sizes and latency only (accuracy is in metrics.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -78,7 +79,7 @@ def main() -> None:
         models["fp32 fine-tuning run"] = AutoModelForSequenceClassification.from_pretrained(args.fp32_run / "model").eval()
     out = {"threads": args.threads, "dev_rows": len(texts)}
     for name, m in models.items():
-        out[name] = {"bytes": _size(m), "accuracy": _accuracy(m, tok, texts, labels),
+        out[name] = {"bytes": _size(m), "accuracy": None if args.no_accuracy else _accuracy(m, tok, texts, labels),
                      "latency_ms_b1": 1e3 * _latency(m, tok, texts, 1, args.repeats),
                      "latency_ms_b32": 1e3 * _latency(m, tok, texts, 32, max(5, args.repeats // 4))}
     print(json.dumps(out, indent=1))
