@@ -21,6 +21,7 @@ from _dist import (
     train,
     train_losses,
 )
+from _fixtures import *  # noqa: F403  (the workdir and one_process fixtures)
 
 pytestmark = pytest.mark.e2e
 

@@ -1,5 +1,7 @@
 """Fixtures of the distributed tests: one work folder (data, a dropout-free tiny BERT) and the one-process
-reference run that the DDP and FSDP runs are compared with."""
+reference run that the DDP and FSDP runs are compared with. Imported by the test modules that use them (not a
+``conftest.py``: a second module named ``conftest`` would shadow ``tests/conftest.py``, whose helpers other
+tests import as ``from conftest import make_rows``)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from _dist import ARGS, classification_data, no_dropout_model, train
+
+__all__ = ["one_process", "workdir"]
 
 
 @pytest.fixture(scope="session")
