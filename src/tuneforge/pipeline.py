@@ -60,7 +60,7 @@ def _name_patterns(names: list[str], most: int = 4) -> str:
 
     folded = list(dict.fromkeys(re.sub(r"\.\d+\.", ".*.", n) for n in names))
     if len(folded) > most:
-        folded = list(dict.fromkeys(n.rsplit(".", 2)[0] + ".*" for n in folded))
+        folded = list(dict.fromkeys(n.rsplit(".", 1)[0] + ".*" for n in folded))  # their modules
     shown = ", ".join(folded[:most]) + (f" (+{len(folded) - most} more)" if len(folded) > most else "")
     return f"{shown} ({len(names)} tensors)" if len(folded) < len(names) else shown
 
