@@ -159,8 +159,10 @@ class Seq2SeqBatches:
     Training batches are grouped by source + target length (`data.batching.plan_batches`).
     """
 
-    def __init__(self, columns: dict[str, list[list[int]]], pad_id: int, *, group_by_length: bool = True):
+    def __init__(self, columns: dict[str, list[list[int]]], pad_id: int, *, group_by_length: bool = True,
+                 records: Seq2SeqRecords | None = None):
         self.input_ids, self.labels = columns["input_ids"], columns["labels"]
+        self.records = records  # the texts they were made from: generation metrics read sources and references
         self.pad_id = pad_id
         self.group_by_length = group_by_length
         self.source_lengths = np.fromiter((len(x) for x in self.input_ids), dtype=np.int64, count=len(self.input_ids))

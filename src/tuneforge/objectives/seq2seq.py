@@ -157,7 +157,6 @@ class Seq2SeqObjective:
         self.notes: list[str] = []
         self.tokenizer: Any = None
         self._start: int | None = None
-        self._records: dict[int, Seq2SeqRecords] = {}  # id(batches) -> the records they were made from
 
     # ----------------------------------------------------------------- data
     def _read(self, spec: Any) -> Seq2SeqRecords:
@@ -247,9 +246,7 @@ class Seq2SeqObjective:
         if note not in self.notes:
             self.notes.append(note)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        batches = Seq2SeqBatches(cols, pad, group_by_length=run.train.group_by_length)
-        self._records[id(batches)] = records
-        return batches
+        return Seq2SeqBatches(cols, pad, group_by_length=run.train.group_by_length, records=records)
 
     # ----------------------------------------------------------------- training
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenLogits:
@@ -270,7 +267,7 @@ class Seq2SeqObjective:
     def _generated(self, model: nn.Module, data: Seq2SeqBatches, batch_size: int, runtime: Runtime) -> dict[str, Any]:
         from tuneforge.eval.seq2seq import generation_metrics
 
-        records = self._records.get(id(data))
+        records = data.records
         if records is None:
             return {}
         n = min(len(records), self.cfg.max_generate_samples or len(records))
