@@ -68,6 +68,32 @@ def run(cmd: list[str], cwd: Path, check: bool = True, extra_env: dict | None = 
     return proc
 
 
+def run_together(cmds: list[list[str]], cwd: Path, timeout: float) -> list[str]:
+    """Start every command at once and wait for all (each must exit 0 within ``timeout`` seconds of the start);
+    returns their outputs (stdout and stderr)."""
+    logs = [cwd / f".together-{i}.log" for i in range(len(cmds))]
+    procs = []
+    for cmd, log in zip(cmds, logs, strict=True):
+        with log.open("w") as f:
+            procs.append(subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=f, stderr=subprocess.STDOUT,
+                                          start_new_session=True))
+    deadline = time.monotonic() + timeout
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    outs = [log.read_text() for log in logs]
+    for cmd, proc, out in zip(cmds, procs, outs, strict=True):
+        assert proc.returncode == 0, f"{' '.join(cmd)} -> {proc.returncode} (timeout {timeout} s)\n{out[-8000:]}"
+    return outs
+
+
 def train(cwd: Path, nproc: int, *overrides: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``tuneforge train OVERRIDES`` in one process (nproc=1, no launcher) or under torchrun."""
     args = ["train", *overrides, *flags]
@@ -89,6 +115,18 @@ def last_weights(run_dir: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(str(last), f"{tmp}/ckpt.pt")
         return torch.load(f"{tmp}/ckpt.pt", weights_only=False)["model"]
+
+
+def ranks_of(run_dir: Path) -> int:
+    """How many processes wrote the run's last checkpoint: its FSDP shard files, else its per-rank RNG states
+    (``rng-ranks.pt``, written only at world size > 1)."""
+    import torch
+
+    last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
+    if (last / ".metadata").is_file():
+        return len(list(last.glob("*.distcp")))
+    per_rank = last / "rng-ranks.pt"
+    return len(torch.load(per_rank, weights_only=False)) if per_rank.is_file() else 1
 
 
 def max_diff(a: dict, b: dict) -> float:

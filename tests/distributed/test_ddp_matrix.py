@@ -1,5 +1,9 @@
-"""DDP and FSDP parity matrix (slow): two ranks at per-rank batch b against one process at batch 2b, for full
+"""DDP and FSDP parity matrix: two ranks at per-rank batch b against one process at batch 2b, for full
 fine-tuning and LoRA, classification and SFT, fp32 and bf16, with and without gradient accumulation.
+
+Cost: every 2-rank run of the matrix trains inside ONE torchrun launch (`_matrix_worker.py` loops over the
+runs in each rank, in-process, over one process group) and every one-process reference inside ONE plain
+process started at the same time; two interpreter starts instead of one or two per case.
 
 SFT exercises the loss normalisation: the loss is a mean over response tokens, whose counts differ between
 the two ranks' shares, so an unweighted DDP average would not equal one process (`engine.distributed`).
@@ -16,35 +20,32 @@ what bf16 itself does; losses agree to 1e-2.
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
-from _dist import classification_data, last_weights, max_diff, no_dropout_model, sft_data, train, train_losses
+from _dist import (
+    classification_data,
+    last_weights,
+    max_diff,
+    no_dropout_model,
+    ranks_of,
+    run_together,
+    sft_data,
+    torchrun_cmd,
+    train_losses,
+)
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = pytest.mark.e2e
 
 STEPS = 8
-TOL = {"fp32": 5e-5, "bf16": 2e-3}
+LAUNCH_TIMEOUT = 900  # seconds for the whole matrix (measured ~2-3 min on 2 busy cores); a hang fails here
+FP32_WEIGHTS, FP32_LOSSES, BF16_LOSSES = 5e-5, 1e-4, 1e-2
 LORA = ["method=lora", "method.dropout=0", "method.r=4"]
+WORKER = str(Path(__file__).with_name("_matrix_worker.py"))
 
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("ddp-matrix")
-    classification_data(d, 64)
-    sft_data(d)
-    no_dropout_model("tiny-bert", d / "bert")
-    no_dropout_model("tiny-llama", d / "llama")
-    return d
-
-
-def _task(task: str) -> list[str]:
-    if task == "classification":
-        return ["model=bert", "data.train=train.csv", "data.validation=val.csv"]
-    return ["model=llama", "task=sft", "data.train=train.jsonl", "data.validation=val.jsonl"]
-
-
-CASES = [
+CASES = [  # task, method, precision, grad_accum, train.distributed
     ("classification", "full", "fp32", 1, "ddp"),
     ("classification", "lora", "fp32", 1, "ddp"),
     ("classification", "full", "bf16", 1, "ddp"),
@@ -61,57 +62,85 @@ CASES = [
 ]
 
 
+def _args(task: str, method: str, precision: str, accum: int) -> list[str]:
+    data = (["model=bert", "data.train=train.csv", "data.validation=val.csv"] if task == "classification" else
+            ["model=llama", "task=sft", "data.train=train.jsonl", "data.validation=val.jsonl"])
+    return [*data, *(LORA if method == "lora" else []), f"train.max_steps={STEPS}", f"train.save_steps={STEPS}",
+            f"train.grad_accum={accum}", f"train.precision={precision}", "train.lr=1e-2", "train.log_steps=1",
+            "train.tensorboard=false", "train.eval_steps=100"]
+
+
+def _one(task: str, method: str, precision: str, accum: int) -> str:
+    return f"{task}-{method}-{accum}-{precision}-1"
+
+
+def _two(task: str, method: str, precision: str, accum: int, mode: str) -> str:
+    return f"{task}-{method}-{accum}-{precision}-{mode}"
+
+
+@pytest.fixture(scope="module")
+def matrix(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every run of the matrix, trained: the one-process references (batch 4; for a bf16 case also its fp32
+    twin) in one process, the 2-rank runs (batch 2 per rank) in one torchrun launch, both at once."""
+    d = tmp_path_factory.mktemp("ddp-matrix")
+    classification_data(d, 64)
+    sft_data(d)
+    no_dropout_model("tiny-bert", d / "bert")
+    no_dropout_model("tiny-llama", d / "llama")
+    refs: dict[str, list[str]] = {}
+    for task, method, precision, accum, _ in CASES:
+        for p in dict.fromkeys([precision, "fp32"]):
+            refs[_one(task, method, p, accum)] = _args(task, method, p, accum)
+    twos = [[*_args(*c[:4]), f"output_dir={_two(*c)}", "train.batch_size=2", f"train.distributed={c[4]}"]
+            for c in CASES]
+    (d / "refs.json").write_text(json.dumps([[*a, f"output_dir={n}", "train.batch_size=4"] for n, a in refs.items()]))
+    (d / "twos.json").write_text(json.dumps(twos))
+    outs = run_together([[sys.executable, WORKER, "refs.json"], torchrun_cmd(2, WORKER, "twos.json")], d,
+                        LAUNCH_TIMEOUT)
+    print("one process:\n" + outs[0][-3000:] + "\ntwo ranks:\n" + outs[1][-3000:])
+    return d
+
+
 def _rel(a: dict, b: dict) -> float:
     """||a - b|| / ||a|| over all tensors."""
     num = sum(float((a[k].double() - b[k].double()).norm()) ** 2 for k in a)
     return (num / sum(float(a[k].double().norm()) ** 2 for k in a)) ** 0.5
 
 
-def _one_process(workdir: Path, name: str, args: list[str]) -> dict:
-    if not (workdir / name).is_dir():
-        train(workdir, 1, *args, f"output_dir={name}", "train.batch_size=4", flags=("--quiet",))
-    return last_weights(workdir / name)
-
-
 @pytest.mark.parametrize(("task", "method", "precision", "accum", "mode"), CASES)
-def test_two_ranks_equal_one_process(workdir: Path, task: str, method: str, precision: str, accum: int,
+def test_two_ranks_equal_one_process(matrix: Path, task: str, method: str, precision: str, accum: int,
                                      mode: str) -> None:
-    name = f"{task}-{method}-{accum}"
-    args = [*_task(task), *(LORA if method == "lora" else []), f"train.max_steps={STEPS}",
-            f"train.save_steps={STEPS}", f"train.grad_accum={accum}", "train.lr=1e-2", "train.log_steps=1",
-            "train.tensorboard=false", "train.eval_steps=100"]
-    one = _one_process(workdir, f"{name}-{precision}-1", [*args, f"train.precision={precision}"])
-    train(workdir, 2, *args, f"train.precision={precision}", f"output_dir={name}-{precision}-{mode}",
-          "train.batch_size=2", f"train.distributed={mode}", flags=("--quiet",))
-    two = last_weights(workdir / f"{name}-{precision}-{mode}")
-    losses_one = train_losses(workdir / f"{name}-{precision}-1")
-    losses_two = train_losses(workdir / f"{name}-{precision}-{mode}")
+    one_dir, two_dir = matrix / _one(task, method, precision, accum), matrix / _two(task, method, precision, accum, mode)
+    one, two = last_weights(one_dir), last_weights(two_dir)
+    losses_one, losses_two = train_losses(one_dir), train_losses(two_dir)
     assert sorted(losses_one) == sorted(losses_two) == list(range(1, STEPS + 1))
+    assert (ranks_of(one_dir), ranks_of(two_dir)) == (1, 2)
+    assert (two_dir / "model").is_dir()  # the 2-rank run wrote its final model (gathered from shards under FSDP)
     if precision == "fp32":
         diff = max_diff(one, two)
-        print(f"{name} {mode} fp32: max |w1 - w2| = {diff:.2e}")
-        assert diff < 5e-5
-        assert losses_two == pytest.approx(losses_one, rel=1e-4)
+        print(f"{task} {method} accum={accum} {mode} fp32: max |w1 - w2| = {diff:.2e}")
+        assert diff < FP32_WEIGHTS
+        assert losses_two == pytest.approx(losses_one, rel=FP32_LOSSES)
     else:
-        fp32 = _one_process(workdir, f"{name}-fp32-1", [*args, "train.precision=fp32"])
-        ddp, bf16 = _rel(one, two), _rel(one, fp32)
-        print(f"{name} {mode} bf16: |w1 - w2| / |w1| = {ddp:.2e}; one process bf16 vs fp32: {bf16:.2e}")
-        assert ddp < 0.5 * bf16
-        assert losses_two == pytest.approx(losses_one, rel=1e-2)
+        fp32 = last_weights(matrix / _one(task, method, "fp32", accum))
+        dist, bf16 = _rel(one, two), _rel(one, fp32)
+        print(f"{task} {method} accum={accum} {mode} bf16: |w1 - w2| / |w1| = {dist:.2e}; "
+              f"one process bf16 vs fp32: {bf16:.2e}")
+        assert dist < 0.5 * bf16
+        assert losses_two == pytest.approx(losses_one, rel=BF16_LOSSES)
 
 
-def test_accelerate_launch_runs_the_same_ddp(workdir: Path) -> None:
+@pytest.mark.slow
+def test_accelerate_launch_runs_the_same_ddp(matrix: Path) -> None:
     """``accelerate launch --multi_gpu`` (torchrun underneath; on a CPU-only machine it runs gloo) trains the
-    same weights as torchrun. (``--cpu`` with several processes needs mpirun and starts one process.)"""
-    import sys
-
+    same weights as the matrix's torchrun case. (``--cpu`` with several processes needs mpirun and starts one
+    process.)"""
     from _dist import run
 
-    args = [*_task("classification"), "train.precision=fp32", f"train.max_steps={STEPS}", f"train.save_steps={STEPS}",
-            "train.batch_size=2", "train.lr=1e-2", "train.tensorboard=false", "train.eval_steps=100"]
-    train(workdir, 2, *args, "output_dir=by-torchrun", flags=("--quiet",))
+    args = [*_args("classification", "full", "fp32", 1), "train.batch_size=2"]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    out = run([*accelerate, "-m", "tuneforge", "train", *args, "output_dir=by-accelerate"], workdir)
+    out = run([*accelerate, "-m", "tuneforge", "train", *args, "output_dir=by-accelerate"], matrix)
     assert "rank 0 of 2 (ddp, gloo)" in out.stdout
-    assert max_diff(last_weights(workdir / "by-torchrun"), last_weights(workdir / "by-accelerate")) < 1e-6
+    torchrun = last_weights(matrix / _two("classification", "full", "fp32", 1, "ddp"))
+    assert max_diff(torchrun, last_weights(matrix / "by-accelerate")) < 1e-6
