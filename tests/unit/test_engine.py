@@ -156,6 +156,60 @@ def test_param_groups_without_llrd_and_frozen_params() -> None:
         build_optimizer([], TrainConfig())
 
 
+def test_adafactor_first_step_is_relative_to_each_weights_rms() -> None:
+    """Adafactor's first step, worked by hand: beta2_1 = 1 - 1^-0.8 = 0, so the factored second moment of a
+    constant gradient c is c^2, the update is sign(g) (RMS 1: the clipping at d=1 leaves it) and the step is
+    lr * max(1e-3, RMS(w)): a weight moves relative to its size, a tiny one by at least lr * 1e-3."""
+    big = nn.Parameter(torch.full((4, 6), 2.0))
+    small = nn.Parameter(torch.full((4, 6), 1e-5))
+    opt = build_optimizer([{"params": [big, small], "lr": 0.01, "weight_decay": 0.0, "names": ["big", "small"]}],
+                          TrainConfig(optimizer="adafactor"))
+    assert isinstance(opt, torch.optim.Adafactor)
+    big.grad = torch.full_like(big, 0.3)
+    small.grad = torch.full_like(small, -7.0)
+    opt.step()
+    assert torch.allclose(big.detach(), torch.full((4, 6), 2.0 - 0.01 * 2.0), atol=1e-7)
+    assert torch.allclose(small.detach(), torch.full((4, 6), 1e-5 + 0.01 * 1e-3), atol=1e-9)
+
+
+def test_adafactor_run_learns_and_resumes(tmp_path: Path, tiny_csv: Callable[..., Path]) -> None:
+    """A run under Adafactor learns, and stopping after its step-4 checkpoint then resuming (its factored
+    second moments restored) ends with the weights of the uninterrupted run."""
+    import tuneforge.engine.loops as loops
+
+    data = tiny_csv(rows=EASY_ROWS)
+    args = ("train.optimizer=adafactor", "train.lr=1e-2", "train.schedule=constant", "train.warmup_steps=0",
+            "train.max_steps=8", "train.save_steps=4", "train.eval_steps=4")
+    a = _run(tmp_path, data, *args, name="a")
+    losses = [v for _, v in _train_losses(a.run_dir)]
+    assert losses[-1] < losses[0]
+    assert load_config(a.run_dir / "config.yaml").train.optimizer == "adafactor"
+
+    saved = loops.save_checkpoint
+
+    def stop_after_first(*a: Any, **k: Any) -> Any:
+        saved(*a, **k)
+        raise KeyboardInterrupt
+
+    loops.save_checkpoint = stop_after_first
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, data, *args, name="b")
+    finally:
+        loops.save_checkpoint = saved
+    cfg = load_config(tmp_path / "b" / "config.yaml")
+    b = train(cfg, resume=True, quiet=True)
+    wa = load_file(str(a.run_dir / "model" / "model.safetensors"))
+    wb = load_file(str(b.run_dir / "model" / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_optimizer_choice_is_validated() -> None:
+    with pytest.raises(Exception, match=r"train\.optimizer") as e:
+        load_config(None, ["model=tiny-bert", "data.train=x.csv", "train.optimizer=sgd"])
+    assert "adafactor" in str(e.value)
+
+
 # --------------------------------------------------------------------------- schedules
 def _lrs(schedule: str, total: int, lr: float = 1.0, **kw: Any) -> list[float]:
     """LR in effect for optimizer steps 1..total (what the loop uses)."""

@@ -226,6 +226,10 @@ class TrainConfig(StrictModel):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     lr: float | None = Field(None, gt=0, description="peak learning rate; the method's default when absent")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decay (not applied to biases and norms)")
+    optimizer: Literal["adamw", "adafactor"] = Field(
+        "adamw", description="adamw (fused AdamW) | adafactor (Shazeer & Stern 2018, torch.optim.Adafactor: updates "
+        "relative to each weight's RMS, no first moment; what T5 was trained with, and what a T5 from scratch "
+        "needs: its attention has no 1/sqrt(d) scaling, so AdamW's absolute steps blow its logits up; lr ~1e-2)")
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     schedule: Literal["linear", "cosine", "constant"] = "linear"
