@@ -110,3 +110,19 @@ def test_prompt_tuned_model_generates_each_prompt_as_if_alone() -> None:
             one = tok(p, return_tensors="pt")
             alone = model.generate(**one, max_new_tokens=10, do_sample=False)[0, one["input_ids"].shape[1]:]
             assert tok.decode(alone, skip_special_tokens=True) == text
+
+
+def test_length_sorted_batches_keep_input_order_and_greedy_outputs(llama) -> None:
+    """Prompts are batched longest first (less padding); each output is the prompt's own, as if alone."""
+    model, tok = llama
+    prompts = ["i saw", "a great film and the best of the year, with a cast that", "the movie was",
+               "one of the worst films i have ever seen in my", "it"]
+    ours = generate(model, tok, prompts, GenerationOptions(max_new_tokens=10, batch_size=2))
+    for p, text in zip(prompts, ours, strict=True):
+        one = tok(p, return_tensors="pt")
+        alone = model.generate(**one, max_new_tokens=10, do_sample=False)[0, one["input_ids"].shape[1]:]
+        assert tok.decode(alone, skip_special_tokens=True) == text
+    from tuneforge.generation import _length_sorted
+
+    batches = _length_sorted(tok, prompts, False, 2)
+    assert batches == [[1, 3], [2, 0], [4]]  # by token count, longest first; ties in input order
