@@ -38,6 +38,7 @@ from torch import nn
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.batching import TokenBatches
 from tuneforge.data.readers import column_values, read_table, resolve_column
+from tuneforge.data.splits import train_validation
 from tuneforge.data.tokenize import tokenize_texts
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.objectives.base import Built, TaskData, eval_batches
@@ -170,19 +171,8 @@ class ContrastiveObjective:
         d = run.data
         if d.train is None:
             raise ConfigError("a training file is required (e.g. data.train=sts-train.csv)", key="data.train")
-        train = self._read(d.train)
-        notes = []
-        if d.max_train_samples and d.max_train_samples < len(train):
-            train = train.subset(_sample(len(train), d.max_train_samples, run.train.seed))
-        if d.validation is not None:
-            val = self._read(d.validation)
-        else:
-            order = np.random.default_rng(run.train.seed).permutation(len(train))
-            k = max(1, round(len(train) * d.validation_split))
-            val, train = train.subset(sorted(order[:k].tolist())), train.subset(sorted(order[k:].tolist()))
-            notes.append(f"validation: {len(val)} rows carved from {d.train} (seed {run.train.seed})")
-        if d.max_eval_samples and d.max_eval_samples < len(val):
-            val = val.subset(_sample(len(val), d.max_eval_samples, run.train.seed))
+        train, val, notes = train_validation(self._read(d.train), lambda: self._read(d.validation), d,
+                                             run.train.seed, what="rows")
         if self._loss(train) == "cosent" and train.scores is None:
             raise ConfigError("task.loss=cosent needs scored pairs (data.text_pair_column and a score in "
                               "data.label_column)", key="task.loss")
@@ -337,10 +327,6 @@ def _has_column(table: Any, spec: str | int) -> bool:
     except DataError:
         return False
     return True
-
-
-def _sample(n: int, k: int, seed: int) -> list[int]:
-    return sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
 
 
 OBJECTIVE = ContrastiveObjective

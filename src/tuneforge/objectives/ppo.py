@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from tuneforge.config.schema import RunConfig
-from tuneforge.errors import ConfigError, DataError
+from tuneforge.data.splits import train_validation
+from tuneforge.errors import ConfigError
 from tuneforge.objectives.base import Built, TaskData
 from tuneforge.objectives.causal_lm import check_decoder, load_causal_lm, saved_causal_lm
 from tuneforge.objectives.configs.ppo import PpoConfig
@@ -74,22 +75,10 @@ class RolloutObjective:
         d = run.data
         if d.train is None:
             raise ConfigError("a file of prompts is required (e.g. data.train=prompts.jsonl)", key="data.train")
-        rng = lambda: np.random.default_rng(run.train.seed)  # noqa: E731
         train = read_prompts(run, d.train)
-        if d.max_train_samples and d.max_train_samples < len(train):
-            train = train.subset(sorted(rng().choice(len(train), d.max_train_samples, replace=False).tolist()))
-            self.notes.append(f"train: a seeded random sample of {d.max_train_samples} prompts of {d.train}")
-        if d.validation is not None:
-            val = read_prompts(run, d.validation)
-        else:
-            if len(train) < 2:
-                raise DataError("need at least 2 prompts to hold out a validation split; give data.validation", d.train)
-            n_val = max(1, round(d.validation_split * len(train)))
-            perm = rng().permutation(len(train))
-            train, val = train.subset(sorted(perm[n_val:].tolist())), train.subset(sorted(perm[:n_val].tolist()))
-            self.notes.append(f"validation: {len(val)} of {len(train) + len(val)} prompts carved from {d.train} (seeded)")
-        if d.max_eval_samples and d.max_eval_samples < len(val):
-            val = val.subset(sorted(rng().choice(len(val), d.max_eval_samples, replace=False).tolist()))
+        train, val, notes = train_validation(train, lambda: read_prompts(run, d.validation), d, run.train.seed,
+                                             what="prompts")
+        self.notes.extend(notes)
         splits: dict[str, Any] = {"train": train, "validation": val}
         if d.test is not None:
             splits["test"] = read_prompts(run, d.test)

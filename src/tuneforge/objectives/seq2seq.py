@@ -38,7 +38,8 @@ from tuneforge.data.seq2seq import (
     encode_pairs,
     read_pairs,
 )
-from tuneforge.errors import ConfigError, DataError
+from tuneforge.data.splits import train_validation
+from tuneforge.errors import ConfigError
 from tuneforge.objectives.base import Built, TaskData, TokenLogits, eval_batches
 from tuneforge.objectives.configs.seq2seq import Seq2SeqConfig
 
@@ -183,23 +184,9 @@ class Seq2SeqObjective:
                               "or data.train: {source: train.de, target: train.en})", key="data.train")
         self._check_model(run)
         train = self._read(d.train)
-        rng = lambda: np.random.default_rng(run.train.seed)  # noqa: E731
-        if d.max_train_samples and d.max_train_samples < len(train):
-            train = train.subset(sorted(rng().choice(len(train), d.max_train_samples, replace=False).tolist()))
-            self.notes.append(f"train: a seeded random sample of {d.max_train_samples} examples")
-        if d.validation is not None:
-            val = self._read(d.validation)
-        else:
-            if len(train) < 2:
-                raise DataError("need at least 2 examples to hold out a validation split; give data.validation",
-                                train.origin)
-            n_val = max(1, round(d.validation_split * len(train)))
-            perm = rng().permutation(len(train))
-            train, val = train.subset(sorted(perm[n_val:].tolist())), train.subset(sorted(perm[:n_val].tolist()))
-            self.notes.append(f"validation: {len(val)} of {len(train) + len(val)} examples carved from the training "
-                              f"data (seeded, seed {run.train.seed})")
-        if d.max_eval_samples and d.max_eval_samples < len(val):
-            val = val.subset(sorted(rng().choice(len(val), d.max_eval_samples, replace=False).tolist()))
+        train, val, notes = train_validation(train, lambda: self._read(d.validation), d, run.train.seed,
+                                             source=train.origin)
+        self.notes.extend(notes)
         splits: dict[str, Any] = {"train": train, "validation": val}
         if d.test is not None:
             splits["test"] = self._read(d.test)

@@ -18,13 +18,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from torch import nn
 
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.batching import Batches
 from tuneforge.data.chat import Conversations, encode_conversations, read_conversations, resolve_template
 from tuneforge.data.packing import lm_batches, pack_documents, packed_grouping
+from tuneforge.data.splits import train_validation
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.objectives.base import Built, TaskData
 from tuneforge.objectives.causal_lm import (
@@ -60,22 +60,8 @@ class SftObjective(CausalLMObjective):
             raise ConfigError("a training file is required (e.g. data.train=alpaca.json)", key="data.train")
         check_decoder(run)
         train = self._read(d.train)
-        rng = lambda: np.random.default_rng(run.train.seed)  # noqa: E731
-        if d.max_train_samples and d.max_train_samples < len(train):
-            train = train.subset(sorted(rng().choice(len(train), d.max_train_samples, replace=False).tolist()))
-            self.notes.append(f"train: a seeded random sample of {d.max_train_samples} examples of {d.train}")
-        if d.validation is not None:
-            val = self._read(d.validation)
-        else:
-            if len(train) < 2:
-                raise DataError("need at least 2 examples to hold out a validation split; give data.validation", d.train)
-            n_val = max(1, round(d.validation_split * len(train)))
-            perm = rng().permutation(len(train))
-            train, val = train.subset(sorted(perm[n_val:].tolist())), train.subset(sorted(perm[:n_val].tolist()))
-            self.notes.append(f"validation: {len(val)} of {len(train) + len(val)} examples carved from {d.train} "
-                              f"(seeded, seed {run.train.seed})")
-        if d.max_eval_samples and d.max_eval_samples < len(val):
-            val = val.subset(sorted(rng().choice(len(val), d.max_eval_samples, replace=False).tolist()))
+        train, val, notes = train_validation(train, lambda: self._read(d.validation), d, run.train.seed)
+        self.notes.extend(notes)
         splits: dict[str, Any] = {"train": train, "validation": val}
         if d.test is not None:
             splits["test"] = self._read(d.test)

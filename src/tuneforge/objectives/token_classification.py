@@ -32,6 +32,7 @@ from torch import nn
 from tuneforge.config.schema import RunConfig
 from tuneforge.data.batching import TokenBatches
 from tuneforge.data.conll import TaggedSentences, from_iob2, read_tagged
+from tuneforge.data.splits import seeded_carve, seeded_sample
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval.ner import ner_metrics
 from tuneforge.objectives.base import Built, TaskData, eval_batches
@@ -135,7 +136,7 @@ class TokenClassificationObjective:
         train = self._read(d.train)
         notes: list[str] = []
         if d.max_train_samples and d.max_train_samples < len(train):
-            train = train.subset(_sample(len(train), d.max_train_samples, run.train.seed))
+            train = train.subset(seeded_sample(len(train), d.max_train_samples, run.train.seed))
             notes.append(f"train: a seeded random sample of {d.max_train_samples} sentences of {d.train}")
         self.labels = label_set(train.tags)
         if len(self.labels) < 2:
@@ -143,15 +144,13 @@ class TokenClassificationObjective:
         if d.validation is not None:
             val = self._check_known(self._read(d.validation))
         else:
-            rng = np.random.default_rng(run.train.seed)
-            order = rng.permutation(len(train))
-            k = max(1, round(len(train) * d.validation_split))
-            if len(train) - k < 1:
+            keep, held = seeded_carve(len(train), d.validation_split, run.train.seed)
+            if not keep:
                 raise DataError("too few sentences to carve a validation split; give data.validation", d.train)
-            val, train = train.subset(sorted(order[:k].tolist())), train.subset(sorted(order[k:].tolist()))
+            val, train = train.subset(held), train.subset(keep)
             notes.append(f"validation: {len(val)} sentences carved from {d.train} (seed {run.train.seed})")
         if d.max_eval_samples and d.max_eval_samples < len(val):
-            val = val.subset(_sample(len(val), d.max_eval_samples, run.train.seed))
+            val = val.subset(seeded_sample(len(val), d.max_eval_samples, run.train.seed))
         splits: dict[str, Any] = {"train": train, "validation": val}
         if d.test is not None:
             splits["test"] = self._check_known(self._read(d.test))
