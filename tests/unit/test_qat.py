@@ -7,8 +7,8 @@
   fake-quant and converted metrics; the saved folder reloads as the converted model (int weights) whose
   logits equal the trained fake-quant model's (tolerance 1e-6, measured 0), and ``tuneforge eval`` on the
   run gives the converted accuracy; merge writes plain ``nn.Linear`` layers;
-* bad options (bits not 4/8, a group size that does not divide a layer's width, ``qat`` under lora) are
-  config errors naming the key; through the CLI, exit 2 with one line on stderr and no library noise.
+* bad options (bits not 4/8, a group size that does not divide a layer's width) are config errors naming
+  the key (QAT under LoRA: test_qat_lora.py); through the CLI, exit 2 with one line on stderr and no library noise.
 """
 
 from __future__ import annotations
@@ -154,12 +154,6 @@ def test_bad_options_name_the_key(override: str, key: str, text: str) -> None:
     with pytest.raises(ConfigError, match=text) as err:
         load_config(None, ["model=tiny-bert", "method=qat", override])
     assert err.value.key == key
-
-
-def test_qat_under_lora_is_refused() -> None:
-    with pytest.raises(ConfigError, match="use method=qat") as err:
-        load_config(None, ["model=tiny-bert", "method=lora", "method.qat.weight_bits=4"])
-    assert err.value.key == "method"
 
 
 def test_cli_bad_group_size_exits_2_with_one_quiet_line(tmp_path: Path) -> None:

@@ -4,6 +4,9 @@ over peft's ``LoraConfig`` + ``get_peft_model``.
 Targets resolve to exact module paths of the backbone (see `methods._peft`), the head trains whole via
 ``modules_to_save``, and the saved folder is a standard peft adapter folder. Merge folds ``(alpha/r)·BA``
 (or DoRA's rescaled weight) into the base weights with peft's ``merge_and_unload``.
+
+With ``method.qat`` the base's linear layers are fake-quantised under the adapters and the saved adapter
+loads merged and quantised (`tuneforge.methods.qat.lora`).
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ from tuneforge.methods._peft import (
     task_type,
     wrap,
 )
-from tuneforge.methods.base import MethodContext, MethodRuntime
+from tuneforge.methods.base import MethodContext, MethodRuntime, Reference
 from tuneforge.methods.lora.config import DEFAULT_TARGETS
+from tuneforge.methods.saved import read_manifest
 
 __all__ = ["apply", "default_targets", "load", "merge", "peft_lora_config", "save"]
 
@@ -63,20 +67,63 @@ def peft_lora_config(model: nn.Module, cfg: Any, ctx: MethodContext) -> Any:
 
 
 def apply(model: nn.Module, run: RunConfig, ctx: MethodContext) -> nn.Module:
-    return wrap(model, peft_lora_config(model, run.method, ctx), ctx)
+    qat = getattr(run.method, "qat", None)
+    if qat is None:
+        return wrap(model, peft_lora_config(model, run.method, ctx), ctx)
+    from tuneforge.methods.qat import lora as qat_lora  # torchao: only for method.qat
+
+    heads = set(ctx.head_names)
+    qat_lora.prepare_base(model, qat, heads, str(run.model.name))
+    wrapped = wrap(model, peft_lora_config(model, run.method, MethodContext(heads, ctx.n_layers)), ctx)
+    qat_lora.swap_lora_layers(wrapped)
+    return wrapped
+
+
+def _qat_layers(model: nn.Module) -> list[str] | None:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(inner, "_tuneforge_qat_layers", None)
 
 
 def save(model: nn.Module, folder: Path) -> None:
     save_adapter(model, folder)
+    if _qat_layers(model) is not None:
+        from tuneforge.methods.qat import lora as qat_lora
+
+        qat_lora.save_layers(model, folder)
 
 
 def load(base_model: nn.Module, folder: Path, method_cfg: Any) -> nn.Module:
-    return load_adapter(base_model, folder)
+    model = load_adapter(base_model, folder)
+    if getattr(method_cfg, "qat", None) is None:
+        return model
+    from tuneforge.methods.qat import lora as qat_lora
+
+    return qat_lora.load(model, folder, method_cfg.qat)  # merged, then quantised: the converted model
 
 
 def merge(model: nn.Module) -> nn.Module:
+    if not hasattr(model, "merge_and_unload") and _qat_layers(model) is not None:
+        from tuneforge.methods.qat import apply as qat
+
+        return qat.merge(model)  # a loaded QAT-under-LoRA run is merged and converted already: dequantise
     return merge_peft(model)
 
 
-METHOD = MethodRuntime(apply=apply, save=save, load=load, merge=merge, reference=peft_reference,
-                       attach=peft_attach, activate=peft_activate)
+def reference(model: nn.Module) -> Reference:
+    if _qat_layers(model) is None:
+        return peft_reference(model)
+    from tuneforge.methods.qat import lora as qat_lora
+
+    return qat_lora.reference(model, peft_reference)
+
+
+def attach(model: nn.Module, folder: Path, name: str) -> nn.Module:
+    manifest = read_manifest(folder) or {}
+    if (manifest.get("options") or {}).get("qat") is not None:
+        raise ValueError(f"{folder} was trained with method.qat: it loads merged into its base and quantised, so "
+                         "it cannot share a base with other adapters (serve it as its own model)")
+    return peft_attach(model, folder, name)
+
+
+METHOD = MethodRuntime(apply=apply, save=save, load=load, merge=merge, reference=reference,
+                       attach=attach, activate=peft_activate)

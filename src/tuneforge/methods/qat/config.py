@@ -21,11 +21,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from tuneforge.config.schema import ExtensionConfig, MethodConfig
+from tuneforge.config.schema import ExtensionConfig, MethodConfig, StrictModel
 from tuneforge.errors import ConfigError
 
-__all__ = ["TORCHAO_INSTALL", "QatConfig", "QatReportConfig", "group_size_problem", "linear_widths",
-           "no_linear_message"]
+__all__ = ["TORCHAO_INSTALL", "QatConfig", "QatOptions", "QatReportConfig", "check_qat_run", "group_size_problem",
+           "linear_widths", "no_linear_message", "qat_options"]
 
 TORCHAO_INSTALL = "pip install 'tuneforge[qat]' (or: pip install --no-deps torchao==0.18.0)"
 
@@ -58,23 +58,14 @@ def group_size_problem(widths: dict[str, int], group_size: int) -> str | None:
             f"(e.g. {name}: {width}); choose one of {allowed or 'none'} or 'per_channel'")
 
 
-class QatConfig(MethodConfig):
-    """QAT: every parameter trains through fake-quantised linear layers; the run saves the converted model.
+class QatOptions(StrictModel):
+    """The quantisation QAT simulates: ``weight_bits`` (4 or 8: the integer width of the weights; activations
+    are always int8, dynamic per token) and ``group_size`` (input columns sharing one weight scale, default 32,
+    or ``per_channel``: one scale per output row). ``method: qat`` and LoRA's ``method.qat`` block take them."""
 
-    Options: ``weight_bits`` (4 or 8: the integer width of the weights; activations are always int8, dynamic
-    per token), ``group_size`` (input columns sharing one weight scale, default 32, or ``per_channel``: one
-    scale per output row). The task head (and an output embedding, e.g. a causal LM's tied ``lm_head``)
-    stays in fp32: it is small, freshly initialised for classification, and produces the logits directly.
-
-    Default learning rate 5e-5, as full fine-tuning (QAT fine-tunes every weight).
-    """
-
-    name: Literal["qat"] = "qat"
     weight_bits: Literal[4, 8] = Field(8, description="integer width of the weights (activations: int8)")
     group_size: int | Literal["per_channel"] = Field(
         32, description="input columns per weight scale, or 'per_channel' (one scale per output row)")
-    default_lr: ClassVar[float] = 5e-5
-    from_scratch: ClassVar[bool] = True
 
     @field_validator("group_size")
     @classmethod
@@ -84,27 +75,57 @@ class QatConfig(MethodConfig):
         return v
 
     @model_validator(mode="after")
-    def _needs_torchao(self) -> QatConfig:
+    def _needs_torchao(self) -> Any:
         if importlib.util.find_spec("torchao") is None:
-            raise ValueError(f"method 'qat' needs the torchao package, which is not installed: {TORCHAO_INSTALL}")
+            raise ValueError(f"quantization-aware training needs the torchao package, which is not installed: "
+                             f"{TORCHAO_INSTALL}")
         return self
 
-    def check_run(self, run: Any) -> None:
-        from tuneforge.models.registry import resolve_model
 
-        try:
-            path = resolve_model(run.model.name)
-        except ConfigError:
-            return  # the model itself is reported where it is loaded
-        try:
-            widths = linear_widths(str(path))
-        except Exception:  # an architecture transformers cannot build from its config: `apply` checks the real model
-            return
-        if not widths:
-            raise ConfigError(no_linear_message(str(run.model.name)), key="method")
-        problem = None if self.group_size == "per_channel" else group_size_problem(widths, self.group_size)
-        if problem:
-            raise ConfigError(problem, key="method.group_size")
+def check_qat_run(run: Any, opts: QatOptions, key: str) -> None:
+    """The run's model has ``nn.Linear`` layers and ``opts.group_size`` divides their widths (``key``: where
+    ``group_size`` was given), checked on the architecture built on ``meta`` before any weight loads."""
+    from tuneforge.models.registry import resolve_model
+
+    try:
+        path = resolve_model(run.model.name)
+    except ConfigError:
+        return  # the model itself is reported where it is loaded
+    try:
+        widths = linear_widths(str(path))
+    except Exception:  # an architecture transformers cannot build from its config: `apply` checks the real model
+        return
+    if not widths:
+        raise ConfigError(no_linear_message(str(run.model.name)), key="method")
+    problem = None if opts.group_size == "per_channel" else group_size_problem(widths, opts.group_size)
+    if problem:
+        raise ConfigError(problem.replace("method.group_size", key), key=key)
+
+
+class QatConfig(QatOptions, MethodConfig):
+    """QAT: every parameter trains through fake-quantised linear layers; the run saves the converted model.
+
+    Options (`QatOptions`): ``weight_bits`` (4 or 8; activations are always int8, dynamic per token),
+    ``group_size`` (default 32, or ``per_channel``). The task head (and an output embedding, e.g. a causal
+    LM's tied ``lm_head``) stays in fp32: it is small, freshly initialised for classification, and produces
+    the logits directly. ``method: lora`` with a ``qat`` block is QAT of a frozen base under LoRA instead.
+
+    Default learning rate 5e-5, as full fine-tuning (QAT fine-tunes every weight).
+    """
+
+    name: Literal["qat"] = "qat"
+    default_lr: ClassVar[float] = 5e-5
+    from_scratch: ClassVar[bool] = True
+
+    def check_run(self, run: Any) -> None:
+        check_qat_run(run, self, "method.group_size")
+
+
+def qat_options(method: Any) -> QatOptions | None:
+    """The QAT options of a run's method: ``method: qat`` itself, LoRA's ``method.qat`` block, else None."""
+    if isinstance(method, QatOptions):
+        return method
+    return getattr(method, "qat", None)
 
 
 class QatReportConfig(ExtensionConfig):

@@ -6,12 +6,13 @@
   the run saves and that ``tuneforge eval`` / ``predict`` load;
 
 plus the serialised size of the model before and after conversion (``torch.save`` of the state dict: int
-weights with their scales against fp32). A run extension offered every run (``auto``) that applies only to
-method=qat, so the pipeline knows neither by name; ``report.md`` gets a "Quantization-aware training" section.
+weights with their scales against fp32; under LoRA, of the merged model). A run extension offered every run
+(``auto``) that applies only to method=qat and to lora with ``method.qat``, so the pipeline knows neither by name; ``report.md`` gets a "Quantization-aware training" section.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 from typing import Any
 
@@ -19,17 +20,17 @@ import torch
 
 from tuneforge.errors import ConfigError
 from tuneforge.extensions.base import Extension, RunContext
-from tuneforge.methods.qat.config import QatConfig
+from tuneforge.methods.qat.config import qat_options
 from tuneforge.objectives.base import final_evaluation
 
 __all__ = ["QatReport", "create", "state_bytes"]
 
 
 def create(run: Any, cfg: Any, objective: Any, data: Any, listed: bool) -> QatReport | None:
-    if not isinstance(run.method, QatConfig):
+    if qat_options(run.method) is None:
         if listed:
             raise ConfigError("the qat report compares fp32, fake-quantised and converted models of a QAT run: "
-                              "it needs method=qat", key="extensions")
+                              "it needs method=qat or method.qat under lora", key="extensions")
         return None
     return QatReport(run, objective, data)
 
@@ -52,19 +53,25 @@ class QatReport(Extension):
         self.run, self.objective, self.data = run, objective, data
 
     def on_end(self, ctx: RunContext) -> dict[str, Any]:
-        from tuneforge.methods.qat.apply import convert, fake_quant
+        from tuneforge.methods.qat import apply as qat
 
-        cfg, model = self.run.method, ctx.model
+        cfg, model = qat_options(self.run.method), ctx.model
         batch_size = self.run.train.eval_batch_size or 2 * self.run.train.batch_size
         batches = self.objective.prepare(self.data.splits["validation"], ctx.built.tokenizer, self.run)
 
         def measure(m: torch.nn.Module) -> dict[str, float]:
             return _numbers(final_evaluation(self.objective, m, batches, batch_size=batch_size, runtime=ctx.runtime))
 
-        with fake_quant(model, enabled=False):
+        if hasattr(model, "merge_and_unload"):  # QAT under LoRA: merged (fp32 master + LoRA), then converted
+            with torch.no_grad():
+                merged = copy.deepcopy(model).merge_and_unload()
+        else:
+            merged = model
+        with qat.fake_quant(model, enabled=False):
             fp32 = measure(model)
-            fp32_bytes = state_bytes(model)
-        converted = convert(model, cfg)
+        with qat.fake_quant(merged, enabled=False):
+            fp32_bytes = state_bytes(merged)
+        converted = qat.convert(merged, cfg)
         return {
             "weight_bits": cfg.weight_bits, "activation_bits": 8, "group_size": cfg.group_size,
             "validation": {"fp32": fp32, "fake_quant": measure(model), "converted": measure(converted)},
