@@ -213,10 +213,16 @@ def main() -> None:
             raise
         typer.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
-    except click.exceptions.ClickException as e:
-        e.show()
+    except (click.exceptions.ClickException, typer.exceptions.TyperException) as e:
+        # typer >= 0.2x parses with its own copy of click, whose usage errors (an unknown option, a bad
+        # value) derive from TyperException rather than click's ClickException; both print usage + one line
+        show = getattr(e, "show", None)
+        if show is not None:
+            show()
+        else:
+            typer.echo(f"error: {e.format_message()}", err=True)
         sys.exit(e.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click.exceptions.Abort, typer.Abort):
         typer.echo("interrupted; the last checkpoint is intact (continue with --resume)", err=True)
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)

@@ -164,6 +164,15 @@ def test_empty_header_only_and_missing_train_file(data, tmp_path, run_inprocess,
 # --------------------------------------------------------------------------- config errors (in-process)
 
 
+@pytest.mark.parametrize("args", [["train", "--dry-run"], ["eval", "--no-such-flag"], ["train", "--nproc", "zero"]])
+def test_unknown_or_bad_option_is_a_usage_error_without_traceback(args, tmp_path, run_inprocess):
+    code, _, err = run_inprocess(args, tmp_path)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert "No such option" in err or "Invalid value" in err
+    assert "Usage: tuneforge" in err
+
+
 def test_unknown_config_key_names_the_key(data, tmp_path, run_inprocess):
     out = tmp_path / "run"
     code, so, se = run_inprocess([*_base(data, out), "train.learning_rate=1e-3"], tmp_path)
