@@ -6,6 +6,11 @@ opset 18) with dynamic batch and sequence axes. Inputs: ``input_ids``, ``attenti
 ``token_type_ids`` where the tokenizer uses them); outputs: what the task reads (``logits``; ``start_logits``
 and ``end_logits`` for QA; ``last_hidden_state`` for sentence encoders, pooled by the reader). Decoders are
 exported as a plain forward without past key values (each call scores the whole sequence; no KV cache).
+Encoder-decoder models (seq2seq runs, e.g. T5) are exported as one graph of the full teacher-forced forward:
+inputs ``input_ids``, ``attention_mask`` and ``decoder_input_ids`` (its own dynamic ``decoder_sequence`` axis),
+output ``logits``; no separate encoder/decoder graphs and no cache, so greedy generation re-runs the encoder
+at each step (fine for scoring and short outputs). ``--data`` is refused for them: their metrics (BLEU, ROUGE)
+come from generation, which an onnxruntime session of this graph does not do (`tuneforge eval` scores the run).
 
 The export is verified, not assumed: onnxruntime runs a probe batch of another shape than the one traced and
 every output must equal PyTorch's within ``TOLERANCE`` (the max abs difference is printed and written).
@@ -60,6 +65,20 @@ class _Plain(nn.Module):
         return tuple(getattr(out, k) for k in self.outputs)
 
 
+class _PlainSeq2Seq(nn.Module):
+    """An encoder-decoder's full forward (teacher-forced, no cache) with positional inputs: ``logits`` out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                decoder_input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
+                         use_cache=False)
+        return (out.logits,)
+
+
 class OrtModel:
     """An onnxruntime session called like a transformers model (keyword tensors in, named outputs out), so an
     objective's ``evaluate`` runs on it unchanged."""
@@ -101,7 +120,7 @@ def _plain_model(run_dir: Path) -> tuple[Any, Any, nn.Module, Any]:
 
     run = load_run(run_dir, [])
     spec = get_spec(run.task.name)
-    if not (spec.task_head or spec.embeds or spec.generative):
+    if not (spec.task_head or spec.embeds or spec.generative or _encoder_decoder(spec)):
         raise ConfigError(f"'{run.task.name}' runs are not exported to ONNX; for a multi-task run export one task: "
                           f"`tuneforge merge {run_dir} OUT --task NAME`, then `tuneforge export OUT ...`", key="task")
     model_dir = model_folder(run_dir)
@@ -117,7 +136,13 @@ def _plain_model(run_dir: Path) -> tuple[Any, Any, nn.Module, Any]:
     return run, spec, model, AutoTokenizer.from_pretrained(model_dir)
 
 
+def _encoder_decoder(spec: Any) -> bool:
+    """The objective's saved model is an encoder-decoder (seq2seq, T5 span corruption)."""
+    return "Seq2Seq" in spec.model_class or "ConditionalGeneration" in spec.model_class
+
+
 def _probe(tokenizer: Any, inputs: list[str], batch: int, seq: int, seed: int) -> list[torch.Tensor]:
+    """Random ids (the first row padded at the end); ``decoder_input_ids`` are shorter (``seq // 2 + 1``)."""
     g = torch.Generator().manual_seed(seed)
     low = max(5, len(tokenizer.all_special_ids) + 1)
     ids = torch.randint(low, min(tokenizer.vocab_size, 1000), (batch, seq), generator=g)
@@ -125,7 +150,9 @@ def _probe(tokenizer: Any, inputs: list[str], batch: int, seq: int, seed: int) -
     mask[0, seq - 3 :] = 0
     if tokenizer.pad_token_id is not None:
         ids[0, seq - 3 :] = tokenizer.pad_token_id
-    by_name = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    decoder = torch.randint(low, min(tokenizer.vocab_size, 1000), (batch, seq // 2 + 1), generator=g)
+    by_name = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
+               "decoder_input_ids": decoder}
     return [by_name[k] for k in inputs]
 
 
@@ -150,22 +177,33 @@ def export_onnx(run_dir: Path, out_dir: Path, *, int8: bool = False, data: Path 
     if data is not None and not Path(data).exists():
         raise ConfigError(f"file not found: {data}", key="--data")
     run, spec, model, tokenizer = _plain_model(run_dir)
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    if seq2seq and data is not None:
+        raise ConfigError(f"--data scores a run with the exported model; a '{run.task.name}' run's metrics come from "
+                          "generation, which the exported forward (no cache) does not do: drop --data and use "
+                          f"`tuneforge eval {run_dir} --data FILE`", key="--data")
     inputs = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in tokenizer.model_input_names
                                                 else [])
+    if seq2seq:
+        inputs = ["input_ids", "attention_mask", "decoder_input_ids"]
     with torch.no_grad():
         sample = model(**dict(zip(inputs, _probe(tokenizer, inputs, 2, 9, 0), strict=True)),
-                       **({"use_cache": False} if spec.generative else {}))
+                       **({"use_cache": False} if spec.generative or seq2seq else {}))
     outputs = [k for k in _OUTPUTS if getattr(sample, k, None) is not None]
-    plain = _Plain(model, inputs, outputs, spec.generative).eval()
+    plain = (_PlainSeq2Seq(model) if seq2seq else _Plain(model, inputs, outputs, spec.generative)).eval()
+    axes = {"batch": 0, "sequence": 1, **({"decoder_sequence": 1} if seq2seq else {})}
     info: dict[str, Any] = {"source_run": str(run_dir.resolve()), "opset": OPSET, "inputs": inputs, "outputs": outputs,
-                            "dynamic_axes": {"batch": 0, "sequence": 1}, "tolerance": TOLERANCE,
-                            "kv_cache": False if spec.generative else None}
+                            "dynamic_axes": axes, "tolerance": TOLERANCE,
+                            "kv_cache": False if spec.generative or seq2seq else None}
     with atomic_directory(out_dir) as tmp:
         onnx_path = tmp / "model.onnx"
         batch, seq = torch.export.Dim("batch", min=1), torch.export.Dim("sequence", min=2)
+        shapes = {k: {0: batch, 1: seq} for k in inputs}
+        if seq2seq:
+            shapes["decoder_input_ids"] = {0: batch, 1: torch.export.Dim("decoder_sequence", min=2)}
         torch.onnx.export(plain, tuple(_probe(tokenizer, inputs, 2, 9, 0)), str(onnx_path), input_names=inputs,
                           output_names=outputs, opset_version=OPSET, dynamo=True, external_data=False,
-                          dynamic_shapes={k: {0: batch, 1: seq} for k in inputs})
+                          dynamic_shapes=shapes)
         probe = _probe(tokenizer, inputs, 3, 17, 1)
         ort_model = OrtModel(onnx_path)
         got = ort_model(**dict(zip(inputs, probe, strict=True)))
