@@ -16,7 +16,9 @@ Variants and what they add (``variant.NAME.KEY=VALUE`` overrides a variant's opt
 * ``distill``: ``retain.distill`` with its defaults (the starting model as teacher).
 
 ``general_train`` is general data *other* than the evaluation file (EWC measures its Fisher on it and replay
-trains on it; using the evaluation file would score the cure on what it saw). Outputs, written atomically:
+trains on it; using the evaluation file would score the cure on what it saw). A recipe whose forgetting
+extension names a ``general_recipe`` (another objective scoring the backbone, e.g. STS Spearman for a
+classifier) gets that objective's metric in the general columns. Outputs, written atomically:
 ``forgetting_table.md``, ``forgetting_table.json`` and ``forgetting_table.png``.
 """
 
@@ -50,6 +52,7 @@ class VariantResult:
     general_after: float | None = None
     general_change: float | None = None
     general_loss_change: float | None = None
+    general_metric: str | None = None
     wall_s: float | None = None
     error: str | None = None
 
@@ -99,8 +102,9 @@ def forgetting_table(recipe: str | None, overrides: list[str], variants: list[st
                      command: str = "") -> list[VariantResult]:
     """Train every variant, then write the table (see module docstring)."""
     base = load_config(recipe, overrides)
-    if base.task.general_eval is None and (base.extension("forgetting") is None
-                                           or base.extension("forgetting").general_eval is None):
+    listed = base.extension("forgetting")
+    if base.task.general_eval is None and (listed is None or (listed.general_eval is None
+                                                              and listed.general_recipe is None)):
         raise ConfigError("the forgetting table needs held-out general data: set task.general_eval=FILE", key="task.general_eval")
     plans = {v: _variant_overrides(v, options, general) for v in variants}
     for extra in plans.values():  # every variant's config checked before the first one trains
@@ -137,7 +141,8 @@ def forgetting_table(recipe: str | None, overrides: list[str], variants: list[st
 def _fill(row: VariantResult, metrics: dict[str, Any], metric: str) -> None:
     block = metrics.get("forgetting") or {}
     row.domain_after = block.get("domain", {}).get(metric, {}).get("after")
-    general = block.get("general", {}).get(metric, {})
+    row.general_metric = block.get("general_metric", metric)  # another objective's metric (general_recipe)
+    general = block.get("general", {}).get(row.general_metric, {})
     row.general_before, row.general_after, row.general_change = general.get("before"), general.get("after"), \
         general.get("change")
     row.general_loss_change = block.get("general", {}).get("loss", {}).get("change")
@@ -147,8 +152,10 @@ def _write(out: Path, rows: list[VariantResult], metric: str, command: str) -> N
     def f(x: float | None, signed: bool = False) -> str:
         return "n/a" if x is None else f"{x:+.4f}" if signed else f"{x:.4f}"
 
-    lines = [f"# Forgetting table ({metric})", "", f"`{command}`" if command else "", "",
-             f"| variant | domain {metric} after | general {metric} before | general after | change | "
+    general = next((r.general_metric for r in rows if r.general_metric), metric)
+    title = metric if general == metric else f"domain {metric}, general {general}"
+    lines = [f"# Forgetting table ({title})", "", f"`{command}`" if command else "", "",
+             f"| variant | domain {metric} after | general {general} before | general after | change | "
              "general loss change | wall s |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.error:
@@ -158,7 +165,7 @@ def _write(out: Path, rows: list[VariantResult], metric: str, command: str) -> N
                          f"{f(r.general_change, True)} | {f(r.general_loss_change, True)} | {r.wall_s} |")
     atomic_write_text(out / "forgetting_table.md", "\n".join(lines) + "\n")
     atomic_write_text(out / "forgetting_table.json", json.dumps([asdict(r) for r in rows], indent=2))
-    _plot(out, rows, metric)
+    _plot(out, rows, general)
 
 
 def _plot(out: Path, rows: list[VariantResult], metric: str) -> None:

@@ -18,6 +18,10 @@ class ForgettingConfig(ExtensionConfig):
 
     name: Literal["forgetting"] = "forgetting"
     general_eval: Path | None = Field(None, description="held-out general-text file (same layout as the training data)")
+    general_recipe: Path | None = Field(
+        None, description="measure general ability with another task: a recipe whose objective scores the "
+                          "trained model's backbone (no task head) on general_eval, or on its own data.validation "
+                          "(e.g. an STS contrastive recipe: sentence-embedding Spearman for a classifier)")
 
 
 class SamplesConfig(ExtensionConfig):
