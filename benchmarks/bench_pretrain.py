@@ -1,24 +1,38 @@
-"""Benchmark: causal-LM pretraining of a small GPT-2 from scratch, tuneforge vs the Hugging Face Trainer.
+"""Benchmark: causal-LM pretraining of a tiny GPT-2 from scratch, tuneforge vs the Hugging Face Trainer:
+tokens/s and held-out loss.
 
-Both train the same model (GPT-2, 4 layers x 256, 4 heads, built from the same config and seed around the
-same 8k byte-level BPE trained here on tinyshakespeare) on rows of exactly ``--block`` tokens (lines
-tokenized, EOS appended, concatenated and cut: the rows have the same shape and the same amount of work;
-tuneforge packs its own rows from the file with ``task=clm``), with the same batch size, AdamW lr 1e-3,
-weight decay 0.01, clipping 1.0, linear schedule without warmup and the same number of optimizer steps. Each
-run is a fresh subprocess; throughput = trained tokens / wall time of the training loop (tuneforge:
-``train_seconds`` from its metrics; HF: ``train_runtime`` of ``Trainer.train``), no evaluation.
+Same work for every run (each a fresh subprocess):
 
-* ``hf-default``: transformers ``Trainer`` at its defaults (fp32).
-* ``hf-bf16``:    the same with ``bf16=True`` (tuneforge's ``precision: auto`` uses bf16 when the CPU has it).
-* ``tuneforge``:  ``tuneforge.pipeline.train`` with ``task=clm model.init=scratch`` at its defaults.
+* Text: the first ``--train-kb`` KB of tinyshakespeare (cut at a line end) to train on, the next
+  ``--heldout-kb`` KB as the held-out part; a ``--vocab`` byte-level BPE trained here on the training part.
+* Stream: every non-empty line is a document, tokenized with the tokenizer's defaults and followed by EOS;
+  the documents are concatenated and cut into rows of ``--block`` tokens (tuneforge ``task=clm`` with its
+  defaults ``txt_unit=line``, ``packing=blocks``; for HF the script builds the same rows; the last, shorter
+  row is dropped for HF and kept by tuneforge).
+* Model: GPT-2, ``--layers`` x ``--hidden``, ``--heads`` heads, built by ``tuneforge.models.scratch`` from
+  the same config and seed (the same initial weights, dropout 0.1 as GPT2Config's default).
+* Optimisation: batch ``--batch-size``, AdamW lr 1e-3 (betas 0.9/0.999, eps 1e-8), weight decay 0.01 on
+  matrices only (not on biases and LayerNorm weights, in both), clipping 1.0, linear schedule with the same
+  integer warmup ``ceil(0.06 x steps)``, ``--steps`` optimizer steps.
+* Held-out loss: mean next-token NLL per token over the held-out rows (built the same way from the
+  held-out part, the last shorter row included), the model in eval mode, under the autocast the run
+  trained with. tuneforge: its own end-of-training evaluation; HF: the same computation in this script on
+  the same rows (checked against tuneforge's own number on tuneforge's model: equal to 1e-6).
 
-    python benchmarks/bench_pretrain.py [--steps 60] [--batch-size 8] [--block 128]
+Runs: ``hf-default`` (Trainer defaults, fp32), ``hf-bf16`` (``bf16=True``), ``tuneforge`` (its defaults:
+bf16 autocast where the CPU has it). Throughput = trained tokens / training-loop wall time (tuneforge:
+``train_seconds``; HF: ``train_runtime``), evaluation excluded.
+
+    python benchmarks/bench_pretrain.py [--steps 150] [--seeds 0,1,2] [--runs hf-bf16,tuneforge]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,80 +44,162 @@ RESULTS = ROOT / "benchmarks" / "results" / "pretrain.json"
 RUNS = ("hf-default", "hf-bf16", "tuneforge")
 
 
-def _overrides(tok: Path, out: Path, a: argparse.Namespace) -> list[str]:
-    return ["task=clm", "model.init=scratch", "model.architecture=gpt2", f"model.tokenizer={tok}", "model.size=small",
-            f"data.train={TEXT}", f"data.validation={TEXT}", "data.max_eval_samples=1", f"data.max_length={a.block}",
-            f"train.batch_size={a.batch_size}", f"train.max_steps={a.steps}", "train.lr=1e-3", "train.warmup_steps=0",
-            "train.eval_steps=100000", "train.save_steps=100000", "train.tensorboard=false", "train.seed=0",
-            "train.load_best_at_end=false", f"output_dir={out}"]
+def _warmup(steps: int) -> int:
+    return math.ceil(0.06 * steps)
 
 
-def run_tuneforge(tok: Path, work: Path, a: argparse.Namespace) -> dict:
+def _overrides(work: Path, out: Path, a: argparse.Namespace, seed: int) -> list[str]:
+    return ["task=clm", "model.init=scratch", "model.architecture=gpt2", f"model.tokenizer={work / 'tok'}",
+            f"model.layers={a.layers}", f"model.hidden={a.hidden}", f"model.heads={a.heads}",
+            f"data.train={work / 'train.txt'}", f"data.validation={work / 'heldout.txt'}", f"data.max_length={a.block}",
+            f"train.batch_size={a.batch_size}", f"train.max_steps={a.steps}", "train.lr=1e-3", "train.weight_decay=0.01",
+            f"train.warmup_steps={_warmup(a.steps)}", "train.max_grad_norm=1.0", "train.eval_steps=1000000",
+            "train.save_steps=1000000", "train.tensorboard=false", f"train.seed={seed}", "train.load_best_at_end=false",
+            f"output_dir={out}"]
+
+
+def _rows(tokenizer, path: Path, block: int) -> list[list[int]]:
+    """The rows tuneforge's ``task=clm`` makes of ``path`` (lines + EOS, concatenated, cut)."""
+    from tuneforge.data.packing import pack_blocks
+
+    lines = [x for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    eos = tokenizer.eos_token_id
+    docs = [[*x, eos] for x in tokenizer(lines, return_attention_mask=False, verbose=False)["input_ids"]]
+    return pack_blocks(docs, block)["input_ids"]
+
+
+def heldout_loss(model, rows: list[list[int]], bf16: bool, batch_size: int = 16) -> float:
+    """Token-weighted mean next-token NLL of ``model`` over ``rows`` (eval mode, inference mode)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            width = max(len(r) for r in chunk)
+            ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for j, r in enumerate(chunk):
+                ids[j, : len(r)] = torch.tensor(r)
+                labels[j, : len(r)] = torch.tensor(r)
+            logits = model(input_ids=ids, attention_mask=(labels != -100).long()).logits
+            total += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                           labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
+            count += int((labels[:, 1:] != -100).sum())
+    return total / count
+
+
+def run_tuneforge(work: Path, a: argparse.Namespace, seed: int) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from tuneforge.config import load_config
     from tuneforge.pipeline import train
 
-    res = train(load_config(None, _overrides(tok, work / "tf", a)), quiet=True)
+    out = work / f"tf-{seed}"
+    res = train(load_config(None, _overrides(work, out, a, seed)), quiet=True, overwrite=True)
     t = res.metrics["train"]
-    return {"tokens": a.steps * a.batch_size * a.block, "seconds": t["train_seconds"], "precision": t["precision"]}
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    rows = _rows(AutoTokenizer.from_pretrained(out / "model"), work / "heldout.txt", a.block)
+    return {"tokens": a.steps * a.batch_size * a.block, "seconds": t["train_seconds"], "precision": t["precision"],
+            "heldout_loss": res.metrics["splits"]["validation"]["loss"],
+            "heldout_loss_script": heldout_loss(model, rows, t["precision"] == "bf16")}
 
 
-def run_hf(tok: Path, work: Path, a: argparse.Namespace, bf16: bool) -> dict:
+def run_hf(work: Path, a: argparse.Namespace, seed: int, bf16: bool) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
     from tuneforge.config import load_config
     from tuneforge.models.scratch import build_scratch
 
-    set_seed(0)
-    run = load_config(None, _overrides(tok, work / "hf", a))
+    set_seed(seed)
+    run = load_config(None, _overrides(work, work / "hf", a, seed))
     model, tokenizer = build_scratch(run, AutoModelForCausalLM)
-    lines = [x for x in TEXT.read_text(encoding="utf-8").splitlines() if x.strip()]
-    ids = [t for x in tokenizer(lines)["input_ids"] for t in [*x, tokenizer.eos_token_id]]
-    rows = torch.tensor(ids[: len(ids) // a.block * a.block]).view(-1, a.block)
+    rows = [torch.tensor(r) for r in _rows(tokenizer, work / "train.txt", a.block) if len(r) == a.block]
     data = [{"input_ids": r, "labels": r} for r in rows]
     args = TrainingArguments(output_dir=str(work / "hf"), per_device_train_batch_size=a.batch_size, max_steps=a.steps,
                              learning_rate=1e-3, weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="linear",
-                             warmup_steps=0, bf16=bf16, use_cpu=True, report_to=[], save_strategy="no",
-                             logging_steps=10**6, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+                             warmup_steps=_warmup(a.steps), bf16=bf16, use_cpu=True, report_to=[], save_strategy="no",
+                             logging_steps=10**6, seed=seed, dataloader_num_workers=0, disable_tqdm=True)
     out = Trainer(model=model, args=args, train_dataset=data).train()
     return {"tokens": a.steps * a.batch_size * a.block, "seconds": out.metrics["train_runtime"],
-            "precision": "bf16" if bf16 else "fp32"}
+            "precision": "bf16" if bf16 else "fp32",
+            "heldout_loss": heldout_loss(model, _rows(tokenizer, work / "heldout.txt", a.block), bf16)}
+
+
+def prepare(work: Path, a: argparse.Namespace) -> None:
+    """The training and held-out text files and the tokenizer, in ``work``."""
+    from tuneforge.tokenizers_train import train_tokenizer
+
+    text = TEXT.read_text(encoding="utf-8")
+    cut = text.rfind("\n", 0, a.train_kb * 1000) + 1
+    end = text.rfind("\n", 0, cut + a.heldout_kb * 1000) + 1
+    (work / "train.txt").write_text(text[:cut], encoding="utf-8")
+    (work / "heldout.txt").write_text(text[cut:end], encoding="utf-8")
+    train_tokenizer([work / "train.txt"], work / "tok", type="bytelevel-bpe", vocab_size=a.vocab)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=150)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--block", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=4000)
+    p.add_argument("--train-kb", type=int, default=500)
+    p.add_argument("--heldout-kb", type=int, default=50)
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2")
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     p.add_argument("--one", choices=RUNS, help=argparse.SUPPRESS)  # a single run, in this process
-    p.add_argument("--tok", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
-        res = run_tuneforge(a.tok, a.work, a) if a.one == "tuneforge" else run_hf(a.tok, a.work, a, a.one == "hf-bf16")
+        res = (run_tuneforge(a.work, a, a.seed) if a.one == "tuneforge"
+               else run_hf(a.work, a, a.seed, a.one == "hf-bf16"))
         print("RESULT " + json.dumps(res))
         return
     if not TEXT.is_file():
         sys.exit(f"{TEXT} not found (the shared data folder)")
-    from tuneforge.tokenizers_train import train_tokenizer
-
-    results = {}
+    runs = [r.strip() for r in a.runs.split(",") if r.strip()]
+    if bad := [r for r in runs if r not in RUNS]:
+        sys.exit(f"unknown run {bad[0]!r}; allowed: {', '.join(RUNS)}")
+    seeds = [int(s) for s in a.seeds.split(",")]
+    print(f"load average at start: {os.getloadavg()[0]:.1f} (compare runs only within one invocation)", flush=True)
+    results: dict[str, dict[int, dict]] = {name: {} for name in runs}
+    passthrough = ["--steps", str(a.steps), "--batch-size", str(a.batch_size), "--block", str(a.block),
+                   "--layers", str(a.layers), "--hidden", str(a.hidden), "--heads", str(a.heads)]
     with tempfile.TemporaryDirectory() as tmp:
-        tok = Path(tmp) / "tok"
-        train_tokenizer([TEXT], tok, type="bytelevel-bpe", vocab_size=8000)
-        for name in RUNS:
-            cmd = [sys.executable, __file__, "--one", name, "--tok", str(tok), "--work", str(Path(tmp) / name),
-                   "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--block", str(a.block)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-            r = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT "))[7:])
-            r["tokens_per_s"] = r["tokens"] / r["seconds"]
-            results[name] = r
-            print(f"{name:>10}: {r['tokens_per_s']:8.0f} tokens/s ({r['precision']}, {r['seconds']:.1f} s)", flush=True)
-    for name in ("hf-default", "hf-bf16"):
-        print(f"tuneforge / {name}: {results['tuneforge']['tokens_per_s'] / results[name]['tokens_per_s']:.2f}x")
+        work = Path(tmp)
+        prepare(work, a)
+        for seed in seeds:
+            for name in runs:
+                cmd = [sys.executable, __file__, "--one", name, "--seed", str(seed), "--work", str(work), *passthrough]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode:
+                    sys.exit(f"{name} (seed {seed}) failed:\n{proc.stderr[-3000:]}")
+                r = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+                r["tokens_per_s"] = r["tokens"] / r["seconds"]
+                results[name][seed] = r
+                print(f"{name:>10} seed {seed}: {r['tokens_per_s']:8.0f} tokens/s ({r['precision']}, {r['seconds']:.1f} s), "
+                      f"held-out loss {r['heldout_loss']:.4f}", flush=True)
+    print("\nrun         tokens/s (mean)   held-out loss per seed            mean")
+    for name in runs:
+        rs = [results[name][s] for s in seeds]
+        losses = [r["heldout_loss"] for r in rs]
+        print(f"{name:>10}  {statistics.mean(r['tokens_per_s'] for r in rs):14.0f}   "
+              f"{', '.join(f'{x:.4f}' for x in losses):32s}  {statistics.mean(losses):.4f}")
+    if "tuneforge" in runs:
+        tf = statistics.mean(results["tuneforge"][s]["tokens_per_s"] for s in seeds)
+        for name in ("hf-default", "hf-bf16"):
+            if name in runs:
+                print(f"tuneforge / {name}: {tf / statistics.mean(results[name][s]['tokens_per_s'] for s in seeds):.2f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"args": vars(a) | {"tok": None, "work": None}, "results": results}, indent=2,
-                                  default=str) + "\n")
+    RESULTS.write_text(json.dumps({"args": vars(a) | {"work": None}, "results": results}, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

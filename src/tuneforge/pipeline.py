@@ -126,6 +126,16 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
         raise ConfigError(f"extensions that add a loss term ({', '.join(lossy)}) are not supported with "
                           "train.distributed=fsdp (their anchors and teachers would see sharded weights); use ddp",
                           key="train.distributed")
+    if runtime.distributed == "deepspeed" and lossy:
+        raise ConfigError(f"extensions that add a loss term ({', '.join(lossy)}) are not supported with "
+                          "train.distributed=deepspeed (not tested there); use ddp", key="train.distributed")
+    if runtime.distributed == "deepspeed":  # its config is checked here, before anything is built
+        from tuneforge.engine.deepspeed_zero import ds_config
+
+        ds_config(run.train, runtime.world_size)
+    if runtime.distributed == "deepspeed" and objective.spec.loop != "supervised":
+        raise ConfigError(f"task {run.task.name} trains with the '{objective.spec.loop}' loop, which "
+                          "train.distributed=deepspeed does not drive; use ddp", key="train.distributed")
     n_layers = num_layers(model_config)
     run.method.check_model(n_layers)
     run_dir = _check_run_dir(run, resume, overwrite)
@@ -151,9 +161,9 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     if wired.method.training_view is not None:
         module, splits = wired.method.training_view(model, run, objective, splits, runtime=runtime, quiet=quiet)
         ctx.training_view = module is not model
-    if runtime.distributed == "fsdp" and module is not model:
+    if runtime.distributed in ("fsdp", "deepspeed") and module is not model:
         raise ConfigError(f"method '{run.method.name}' trains a view of the model (cached features), which "
-                          "train.distributed=fsdp does not shard; use ddp", key="train.distributed")
+                          f"train.distributed={runtime.distributed} does not wrap; use ddp", key="train.distributed")
     for ext in extensions:
         splits["train"] = ext.train_data(splits["train"], ctx)
 

@@ -3,6 +3,7 @@ processes, gloo) or in one process, each with a timeout so that a deadlock fails
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -16,7 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
 from _common import cli_env, sentiment_rows, write_csv  # noqa: E402
 
-TIMEOUT = 300  # seconds per launch: a tiny run takes ~15 s; a hang fails here
+TIMEOUT = 600  # seconds per launch: a tiny run takes ~15 s idle, but 300+ s were measured on the 2 shared cores
+# under a load average of 12-16 (interpreter start and imports); a hang still fails here
 COMMON = ["data.train=train.csv", "data.validation=val.csv", "train.precision=fp32", "train.log_steps=1",
           "train.lr=1e-2", "train.tensorboard=false"]
 ARGS = ["model=bert", *COMMON, "train.max_steps=16", "train.save_steps=4", "train.eval_steps=100"]
@@ -56,6 +58,26 @@ def sft_data(d: Path, n: int = 32) -> None:
     (d / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:8]))
 
 
+LORA = ["method=lora", "method.dropout=0", "method.r=4"]
+
+
+def case_args(task: str, method: str, precision: str, accum: int, steps: int = 8) -> list[str]:
+    """The overrides of one parity case (per-rank batch and output_dir left to the caller): classification on the
+    dropout-free tiny BERT (``bert/``, ``train.csv``) or SFT on the tiny Llama (``llama/``, ``train.jsonl``), full
+    fine-tuning or LoRA, at lr 1e-2, a checkpoint every 4 steps, evaluation only at the end."""
+    data = (["model=bert", "data.train=train.csv", "data.validation=val.csv"] if task == "classification" else
+            ["model=llama", "task=sft", "data.train=train.jsonl", "data.validation=val.jsonl"])
+    return [*data, *(LORA if method == "lora" else []), f"train.max_steps={steps}", "train.save_steps=4",
+            f"train.grad_accum={accum}", f"train.precision={precision}", "train.lr=1e-2", "train.log_steps=1",
+            "train.tensorboard=false", "train.eval_steps=100"]
+
+
+def rel_distance(a: dict, b: dict) -> float:
+    """||a - b|| / ||a|| over all tensors."""
+    num = sum(float((a[k].double() - b[k].double()).norm()) ** 2 for k in a)
+    return (num / sum(float(a[k].double().norm()) ** 2 for k in a)) ** 0.5
+
+
 def torchrun_cmd(nproc: int, *args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
 
@@ -85,7 +107,10 @@ def run_together(cmds: list[list[str]], cwd: Path, timeout: float) -> list[str]:
         pass
     finally:
         for proc in procs:
-            if proc.poll() is None:
+            if proc.poll() is None:  # torchrun's workers have sessions of their own: killed one by one
+                for pid in _descendants(proc.pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
     outs = [log.read_text() for log in logs]
@@ -154,6 +179,11 @@ def _children(pid: int) -> list[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 kids.append(int(p.name))
     return kids
+
+
+def _descendants(pid: int) -> list[int]:
+    kids = _children(pid)
+    return [k for kid in kids for k in (kid, *_descendants(kid))]
 
 
 def _rank_of(pid: int) -> int | None:

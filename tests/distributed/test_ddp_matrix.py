@@ -26,11 +26,13 @@ from pathlib import Path
 
 import pytest
 from _dist import (
+    case_args,
     classification_data,
     last_weights,
     max_diff,
     no_dropout_model,
     ranks_of,
+    rel_distance,
     run_together,
     sft_data,
     torchrun_cmd,
@@ -42,7 +44,6 @@ pytestmark = pytest.mark.e2e
 STEPS = 8
 LAUNCH_TIMEOUT = 900  # seconds for the whole matrix (measured ~2-3 min on 2 busy cores); a hang fails here
 FP32_WEIGHTS, FP32_LOSSES, BF16_LOSSES = 5e-5, 1e-4, 1e-2
-LORA = ["method=lora", "method.dropout=0", "method.r=4"]
 WORKER = str(Path(__file__).with_name("_matrix_worker.py"))
 
 CASES = [  # task, method, precision, grad_accum, train.distributed
@@ -60,14 +61,6 @@ CASES = [  # task, method, precision, grad_accum, train.distributed
     ("sft", "lora", "fp32", 2, "fsdp"),
     ("sft", "full", "bf16", 1, "fsdp"),
 ]
-
-
-def _args(task: str, method: str, precision: str, accum: int) -> list[str]:
-    data = (["model=bert", "data.train=train.csv", "data.validation=val.csv"] if task == "classification" else
-            ["model=llama", "task=sft", "data.train=train.jsonl", "data.validation=val.jsonl"])
-    return [*data, *(LORA if method == "lora" else []), f"train.max_steps={STEPS}", f"train.save_steps={STEPS}",
-            f"train.grad_accum={accum}", f"train.precision={precision}", "train.lr=1e-2", "train.log_steps=1",
-            "train.tensorboard=false", "train.eval_steps=100"]
 
 
 def _one(task: str, method: str, precision: str, accum: int) -> str:
@@ -90,8 +83,8 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Path:
     refs: dict[str, list[str]] = {}
     for task, method, precision, accum, _ in CASES:
         for p in dict.fromkeys([precision, "fp32"]):
-            refs[_one(task, method, p, accum)] = _args(task, method, p, accum)
-    twos = [[*_args(*c[:4]), f"output_dir={_two(*c)}", "train.batch_size=2", f"train.distributed={c[4]}"]
+            refs[_one(task, method, p, accum)] = case_args(task, method, p, accum)
+    twos = [[*case_args(*c[:4]), f"output_dir={_two(*c)}", "train.batch_size=2", f"train.distributed={c[4]}"]
             for c in CASES]
     (d / "refs.json").write_text(json.dumps([[*a, f"output_dir={n}", "train.batch_size=4"] for n, a in refs.items()]))
     (d / "twos.json").write_text(json.dumps(twos))
@@ -99,12 +92,6 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         LAUNCH_TIMEOUT)
     print("one process:\n" + outs[0][-3000:] + "\ntwo ranks:\n" + outs[1][-3000:])
     return d
-
-
-def _rel(a: dict, b: dict) -> float:
-    """||a - b|| / ||a|| over all tensors."""
-    num = sum(float((a[k].double() - b[k].double()).norm()) ** 2 for k in a)
-    return (num / sum(float(a[k].double().norm()) ** 2 for k in a)) ** 0.5
 
 
 @pytest.mark.parametrize(("task", "method", "precision", "accum", "mode"), CASES)
@@ -123,7 +110,7 @@ def test_two_ranks_equal_one_process(matrix: Path, task: str, method: str, preci
         assert losses_two == pytest.approx(losses_one, rel=FP32_LOSSES)
     else:
         fp32 = last_weights(matrix / _one(task, method, "fp32", accum))
-        dist, bf16 = _rel(one, two), _rel(one, fp32)
+        dist, bf16 = rel_distance(one, two), rel_distance(one, fp32)
         print(f"{task} {method} accum={accum} {mode} bf16: |w1 - w2| / |w1| = {dist:.2e}; "
               f"one process bf16 vs fp32: {bf16:.2e}")
         assert dist < 0.5 * bf16
@@ -137,7 +124,7 @@ def test_accelerate_launch_runs_the_same_ddp(matrix: Path) -> None:
     process.)"""
     from _dist import run
 
-    args = [*_args("classification", "full", "fp32", 1), "train.batch_size=2"]
+    args = [*case_args("classification", "full", "fp32", 1), "train.batch_size=2"]
     accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     out = run([*accelerate, "-m", "tuneforge", "train", *args, "output_dir=by-accelerate"], matrix)

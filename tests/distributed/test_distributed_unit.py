@@ -71,3 +71,54 @@ def test_one_process_is_unchanged(monkeypatch: pytest.MonkeyPatch, mode: str) ->
     assert rt.wrap(model) is model and unwrap(model) is model
     assert rt.all_reduce_sum([1, 2.5]) == [1.0, 2.5] and rt.broadcast({"a": 1}) == {"a": 1}
     assert rt.describe() == "cpu (fp32)"
+
+
+def test_deepspeed_config_fills_what_train_owns(tmp_path) -> None:
+    """train.deepspeed passes through; batch sizes, accumulation and clipping come from train.* ("auto" allowed)."""
+    import json
+
+    from tuneforge.config.schema import TrainConfig
+    from tuneforge.engine.deepspeed_zero import ds_config
+
+    default = ds_config(TrainConfig(batch_size=4, grad_accum=2, max_grad_norm=0.5), 2)
+    assert default["zero_optimization"] == {"stage": 2}
+    assert (default["train_micro_batch_size_per_gpu"], default["gradient_accumulation_steps"],
+            default["train_batch_size"], default["gradient_clipping"]) == (4, 2, 16, 0.5)
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000},
+                                "train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 0.0}))
+    out = ds_config(TrainConfig(batch_size=4, max_grad_norm=None, deepspeed=str(path)), 3)
+    assert out["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000}  # passed through as written
+    assert (out["train_micro_batch_size_per_gpu"], out["train_batch_size"], out["gradient_clipping"]) == (4, 12, 0.0)
+
+
+@pytest.mark.parametrize(("given", "key", "match"), [
+    ({"train_micro_batch_size_per_gpu": 8}, "train.deepspeed.train_micro_batch_size_per_gpu",
+     r"contradicts train\.batch_size \(4\)"),
+    ({"gradient_accumulation_steps": 4}, "train.deepspeed.gradient_accumulation_steps", r"contradicts train\.grad_accum"),
+    ({"zero_optimization": {"stage": 3}}, "train.deepspeed.zero_optimization.stage", "use train.distributed=fsdp"),
+    ({"zero_optimization": {"stage": 0}}, "train.deepspeed.zero_optimization.stage", "use train.distributed=ddp"),
+    ({"zero_optimization": {"overlap_comm": False}}, "train.deepspeed.zero_optimization.stage",
+     "stages 1 and 2"),  # no stage given: DeepSpeed would run its default, stage 0
+    ({"optimizer": {"type": "Adam"}}, "train.deepspeed.optimizer", r"train\.\* \(AdamW"),
+    ({"bf16": {"enabled": True}}, "train.deepspeed.bf16", r"precision is train\.precision"),
+])
+def test_deepspeed_config_refusals_name_the_key(given: dict, key: str, match: str) -> None:
+    from tuneforge.config.schema import TrainConfig
+    from tuneforge.engine.deepspeed_zero import ds_config
+
+    cfg = {"zero_optimization": {"stage": 2}, **given}
+    with pytest.raises(ConfigError, match=match) as e:
+        ds_config(TrainConfig(batch_size=4, deepspeed=cfg), 2)
+    assert e.value.key == key
+
+
+def test_deepspeed_missing_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from tuneforge.engine.deepspeed_zero import import_deepspeed
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # what an environment without the extra gives
+    with pytest.raises(ConfigError, match=r"pip install 'tuneforge\[deepspeed\]'") as e:
+        import_deepspeed()
+    assert e.value.key == "train.distributed"

@@ -244,9 +244,14 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto = bf16 autocast where the device has it (CUDA with bf16, CPUs with "
         "AVX512-BF16/AMX), fp16 with a grad scaler on older GPUs, else fp32; weights stay fp32")
-    distributed: Literal["auto", "none", "ddp", "fsdp"] = Field(
+    distributed: Literal["auto", "none", "ddp", "fsdp", "deepspeed"] = Field(
         "auto", description="under torchrun/accelerate (WORLD_SIZE > 1): auto = ddp; batch_size is per rank, the "
-        "global batch is batch_size x ranks x grad_accum; fsdp = FSDP2 fully_shard with sharded (DCP) checkpoints")
+        "global batch is batch_size x ranks x grad_accum; fsdp = FSDP2 fully_shard with sharded (DCP) checkpoints; "
+        "deepspeed = DeepSpeed ZeRO stage 1/2 (extra: tuneforge[deepspeed]), configured by train.deepspeed")
+    deepspeed: str | dict[str, Any] | None = Field(
+        None, description="with distributed=deepspeed: a DeepSpeed config (JSON file path or mapping) passed through "
+        "to deepspeed.initialize, e.g. {zero_optimization: {stage: 1}}; default ZeRO stage 2. Batch sizes, "
+        "accumulation, clipping, optimizer, schedule and precision come from train.* (docs/distributed.md)")
     group_by_length: bool = Field(True, description="batch examples of similar length (less padding)")
     seed: int = 42
     eval_steps: int | None = Field(None, ge=1, description="evaluate every N steps (default: each epoch)")

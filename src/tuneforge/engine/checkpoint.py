@@ -15,7 +15,9 @@ and kept in ``rng-ranks.pt``. Every rank reads the same folder on resume and res
 the world size is unchanged (rank 0's otherwise; data order does not depend on it, see `data.batching`).
 Under FSDP each rank holds a shard, so every rank writes its shards with ``torch.distributed.checkpoint``
 into rank 0's temporary folder (`engine.fsdp`); the folder holds ``.metadata`` and ``*.distcp`` instead of
-``trainable.safetensors`` and is published by the same rename.
+``trainable.safetensors`` and is published by the same rename. Under DeepSpeed ZeRO 1/2 the weights are
+whole on every rank but the optimizer state is partitioned: rank 0 writes the usual files and every rank
+writes its partition into ``deepspeed/`` of the same temporary folder (``shards``, `engine.deepspeed_zero`).
 """
 
 from __future__ import annotations
@@ -76,15 +78,16 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(
     ckpt_root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainerState,
-    *, runtime: Runtime | None = None, extra: dict[str, Any] | None = None,
+    *, runtime: Runtime | None = None, extra: dict[str, Any] | None = None, shards: Any = None,
 ) -> Path:
     """Write ``ckpt_root/step-NNNNNNNN`` atomically; returns its path. ``extra``: other state to keep
-    (the gradient scaler's, run extensions'), restored by `load_checkpoint`."""
+    (the gradient scaler's, run extensions'), restored by `load_checkpoint`. ``shards``: what holds the
+    optimizer state when it is partitioned over ranks (``save_shards(folder)``, called on every rank)."""
     final = ckpt_root / f"step-{state.step:08d}"
     runtime = runtime or Runtime.cpu()
     rng_ranks = dist_.gather_objects(runtime.rng_state()) if runtime.world_size > 1 else None
     sharded = runtime.distributed == "fsdp"
-    if not runtime.is_main and not sharded:  # rank 0 writes; the caller waits at a barrier
+    if not runtime.is_main and not sharded and shards is None:  # rank 0 writes; the caller waits at a barrier
         return final
     with contextlib.ExitStack() as stack:
         tmp = None
@@ -98,6 +101,13 @@ def save_checkpoint(
             save_sharded(tmp, model, optimizer)
             if not runtime.is_main:
                 return final
+            torch.save({"scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        elif shards is not None:  # whole weights, partitioned optimizer state (DeepSpeed ZeRO)
+            tmp = dist_.broadcast_object(tmp)
+            shards.save_shards(tmp)  # collective; returns once every rank has written
+            if not runtime.is_main:
+                return final
+            save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
             torch.save({"scheduler": scheduler.state_dict()}, tmp / "optim.pt")
         else:
             save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
@@ -159,12 +169,17 @@ def load_trainable(model: nn.Module, ckpt: Path) -> None:
 
 
 def load_checkpoint(
-    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any
+    ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, shards: Any = None,
 ) -> tuple[TrainerState, dict[str, Any]]:
     """Restore model, optimizer, scheduler and RNG from ``ckpt``; returns its trainer state and the
-    ``extra`` state saved with it (empty when none)."""
+    ``extra`` state saved with it (empty when none). ``shards``: as in `save_checkpoint` (``load_shards``)."""
     optim = torch.load(ckpt / "optim.pt", weights_only=False, map_location="cpu")
-    if is_sharded_checkpoint(ckpt):  # FSDP: resharded to this world size (or to one process)
+    if shards is not None:  # DeepSpeed: its own checkpoints only (it says which it cannot read)
+        shards.load_shards(ckpt)
+    elif "optimizer" not in optim and not is_sharded_checkpoint(ckpt):
+        raise ConfigError(f"{ckpt} was written by train.distributed=deepspeed, whose optimizer state is partitioned "
+                          "over the ranks; resume it with deepspeed", key="train.distributed")
+    elif is_sharded_checkpoint(ckpt):  # FSDP: resharded to this world size (or to one process)
         from tuneforge.engine.fsdp import load_sharded
 
         load_sharded(ckpt, model, optimizer)

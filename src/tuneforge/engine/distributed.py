@@ -27,6 +27,7 @@ import atexit
 import contextlib
 import datetime
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ __all__ = [
     "env_placement",
     "gather_objects",
     "init_from_env",
+    "is_deepspeed_engine",
     "is_distributed",
     "loss_weight",
     "no_sync",
@@ -57,7 +59,7 @@ __all__ = [
     "wrap_ddp",
 ]
 
-MODES = ("auto", "none", "ddp", "fsdp")
+MODES = ("auto", "none", "ddp", "fsdp", "deepspeed")
 
 
 @dataclass(frozen=True)
@@ -150,8 +152,14 @@ def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def unwrap(module: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (the module itself otherwise)."""
-    return module.module if isinstance(module, DistributedDataParallel) else module
+    """The model inside a DDP wrapper or a DeepSpeed engine (the module itself otherwise)."""
+    return module.module if isinstance(module, DistributedDataParallel) or is_deepspeed_engine(module) else module
+
+
+def is_deepspeed_engine(module: Any) -> bool:
+    """Whether ``module`` is a DeepSpeed engine (without importing deepspeed when nothing did)."""
+    ds = sys.modules.get("deepspeed")
+    return ds is not None and isinstance(module, ds.DeepSpeedEngine)
 
 
 def no_sync(module: nn.Module, skip_sync: bool) -> contextlib.AbstractContextManager:

@@ -115,6 +115,7 @@ class SupervisedLoop(LoopBase):
                     [units, 0.0 if ok else 1.0, value * units if ok else 0.0, tokens])
                 if bad:
                     finite = False
+                    self.stepper.discard(loss, len(micro))
                     break
                 self.stepper.backward(loss * loss_weight(units, all_units, rt.world_size), len(micro))
             total += weighted / all_units if all_units else 0.0

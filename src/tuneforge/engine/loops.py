@@ -105,7 +105,15 @@ class LoopBase:
         self.optimizer = build_optimizer(ctx.groups, ctx.cfg)
         self.scheduler = build_scheduler(self.optimizer, ctx.cfg, self.total_steps)
         self.params = [p for g in ctx.groups for p in g["params"]]
-        self.stepper = Stepper(self.optimizer, self.scheduler, self.params, ctx.cfg, ctx.runtime, self.ckpt_root)
+        self.shards: Any = None  # what writes a partitioned optimizer state into each checkpoint (DeepSpeed)
+        if ctx.runtime.distributed == "deepspeed":  # the engine owns backward, the update and the ZeRO state
+            from tuneforge.engine.deepspeed_zero import DeepSpeedStepper
+
+            self.stepper = self.shards = DeepSpeedStepper(self.module, self.optimizer, self.scheduler, ctx.cfg,
+                                                          ctx.runtime, self.ckpt_root)
+            self.module = self.stepper.engine
+        else:
+            self.stepper = Stepper(self.optimizer, self.scheduler, self.params, ctx.cfg, ctx.runtime, self.ckpt_root)
         self.tracker = EvalTracker(ctx.objective, ctx.eval_data, ctx.cfg, ctx.runtime, ctx.metric,
                                    ctx.greater_is_better, ctx.quiet, self.extensions)
         self.state = TrainerState(total_steps=self.total_steps)
@@ -145,7 +153,7 @@ class LoopBase:
         extra = {"stepper": self.stepper.state_dict(),
                  "extensions": {e.name: e.state_dict() for e in self.extensions}}
         path = save_checkpoint(self.ckpt_root, self.model, self.optimizer, self.scheduler, self.state,
-                               runtime=self.runtime, extra=extra)
+                               runtime=self.runtime, extra=extra, shards=self.shards)
         if self.runtime.is_main:  # only rank 0 writes (save_checkpoint gathers the other ranks' RNG states)
             rotate_checkpoints(self.ckpt_root, self.cfg.save_total_limit, protect=self.state.best_step)
         self.runtime.barrier()
@@ -162,7 +170,7 @@ class LoopBase:
                 "resume with the same train.* settings (epochs, max_steps, batch_size x processes, grad_accum) and data",
                 key="train.max_steps",
             )
-        self.state, extra = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        self.state, extra = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.shards)
         self.stepper.load_state_dict(extra.get("stepper", {}))
         states = extra.get("extensions", {})
         for ext in self.extensions:

@@ -99,8 +99,8 @@ def _distributed_mode(requested: str, world_size: int) -> str:
     """``train.distributed`` under a launcher of ``world_size`` > 1 processes -> ``ddp`` or ``fsdp``."""
     if requested in ("auto", "ddp"):
         return "ddp"
-    if requested == "fsdp":
-        return "fsdp"
+    if requested in ("fsdp", "deepspeed"):
+        return requested
     raise ConfigError(f"train.distributed=none but the launcher started {world_size} processes; each would train "
                       "alone into the same output_dir. Use ddp (or auto), or start one process",
                       key="train.distributed")
@@ -131,7 +131,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
-    distributed: str = "none"  # how the training module is wrapped: none | ddp | fsdp
+    distributed: str = "none"  # how the training module is wrapped: none | ddp | fsdp | deepspeed
     backend: str = ""  # the process group's backend (gloo, nccl) when world_size > 1
 
     @classmethod
@@ -144,6 +144,10 @@ class Runtime:
             return cls(device=dev, precision=resolve_precision(precision, dev))
         mode = _distributed_mode(distributed, place.world_size)
         dev = _rank_device(device, place.local_rank)
+        if mode == "deepspeed":  # a missing package is a config error before the process group starts
+            from tuneforge.engine.deepspeed_zero import import_deepspeed
+
+            import_deepspeed(dev)
         backend = dist_.init_from_env(place, dev)
         return cls(device=dev, precision=resolve_precision(precision, dev), rank=place.rank,
                    local_rank=place.local_rank, world_size=place.world_size, distributed=mode, backend=backend)
@@ -199,7 +203,8 @@ class Runtime:
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """The module that runs forward in training: under DDP, ``model`` wrapped (gradients averaged over
-        ranks); under FSDP, ``model`` itself sharded in place (`engine.fsdp`); in one process, ``model``."""
+        ranks); under FSDP, ``model`` itself sharded in place (`engine.fsdp`); in one process, ``model``. Under
+        DeepSpeed ``model`` too: the engine needs the optimizer and is made with it (`engine.deepspeed_zero`)."""
         if self.distributed == "ddp":
             return dist_.wrap_ddp(model, self.device)
         if self.distributed == "fsdp":

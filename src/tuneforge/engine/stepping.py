@@ -67,6 +67,10 @@ class Stepper:
         scaled = loss / n_micro
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
 
+    def discard(self, loss: torch.Tensor, n_micro: int) -> None:
+        """A micro-batch whose loss is non-finite (on any rank): nothing to do here, `step` drops the
+        accumulated gradients (a DeepSpeed engine needs to be told, `engine.deepspeed_zero`)."""
+
     def step(self, state: TrainerState, loss_finite: bool) -> bool:
         """Clip and update (or skip, see module docstring), advance the schedule, clear gradients; returns
         whether the update was applied."""
