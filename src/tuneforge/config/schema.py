@@ -66,6 +66,11 @@ class MethodConfig(StrictModel):
     def check_run(self, run: Any) -> None:
         """Cross-field checks against the whole run (raise `ValueError` naming the keys)."""
 
+    def quantization_aware(self) -> Any:
+        """The quantization-aware-training options the method trains under (a `methods.qat.config.QatOptions`:
+        ``method: qat`` itself, LoRA's ``qat`` block), or None."""
+        return None
+
 
 class TaskConfig(StrictModel):
     """Options of a training objective; subclasses add objective-specific fields."""

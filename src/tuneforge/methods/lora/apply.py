@@ -67,7 +67,7 @@ def peft_lora_config(model: nn.Module, cfg: Any, ctx: MethodContext) -> Any:
 
 
 def apply(model: nn.Module, run: RunConfig, ctx: MethodContext) -> nn.Module:
-    qat = getattr(run.method, "qat", None)
+    qat = run.method.quantization_aware()
     if qat is None:
         return wrap(model, peft_lora_config(model, run.method, ctx), ctx)
     from tuneforge.methods.qat import lora as qat_lora  # torchao: only for method.qat
@@ -94,7 +94,7 @@ def save(model: nn.Module, folder: Path) -> None:
 
 def load(base_model: nn.Module, folder: Path, method_cfg: Any) -> nn.Module:
     model = load_adapter(base_model, folder)
-    if getattr(method_cfg, "qat", None) is None:
+    if method_cfg.quantization_aware() is None:
         return model
     from tuneforge.methods.qat import lora as qat_lora
 

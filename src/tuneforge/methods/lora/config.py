@@ -106,6 +106,9 @@ class LoraConfig(MethodConfig):
                              "weight per column); choose one")
         return self
 
+    def quantization_aware(self) -> QatOptions | None:
+        return self.qat
+
     def check_run(self, run: Any) -> None:
         if self.qat is not None:
             check_qat_run(run, self.qat, "method.qat.group_size")

@@ -120,12 +120,14 @@ class QatConfig(QatOptions, MethodConfig):
     def check_run(self, run: Any) -> None:
         check_qat_run(run, self, "method.group_size")
 
+    def quantization_aware(self) -> QatOptions:
+        return self
+
 
 def qat_options(method: Any) -> QatOptions | None:
-    """The QAT options of a run's method: ``method: qat`` itself, LoRA's ``method.qat`` block, else None."""
-    if isinstance(method, QatOptions):
-        return method
-    return getattr(method, "qat", None)
+    """The QAT options of a run's method: ``method: qat`` itself, LoRA's ``method.qat`` block, else None
+    (declared by each method config: `MethodConfig.quantization_aware`)."""
+    return method.quantization_aware()
 
 
 class QatReportConfig(ExtensionConfig):
