@@ -225,3 +225,26 @@ def kill_rank_after_checkpoint(cwd: Path, run_dir: Path, kill_rank: int, min_ste
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+FP32_WEIGHTS, FP32_LOSSES, BF16_LOSSES = 5e-5, 1e-4, 1e-2
+
+
+def assert_matches_one_process(one_dir: Path, two_dir: Path, fp32_dir: Path, precision: str, label: str) -> None:
+    """The 2-rank run ``two_dir`` ended where the one-process run ``one_dir`` did: in fp32 weights within
+    ``FP32_WEIGHTS`` and losses within ``FP32_LOSSES`` (relative); in bf16 the weight gap under half of what
+    bf16 itself moves the one-process run away from its fp32 twin ``fp32_dir``, losses within ``BF16_LOSSES``."""
+    import pytest
+
+    one, two = last_weights(one_dir), last_weights(two_dir)
+    losses_one, losses_two = train_losses(one_dir), train_losses(two_dir)
+    if precision == "fp32":
+        diff = max_diff(one, two)
+        print(f"{label} fp32: max |w1 - w2| = {diff:.2e}")
+        assert diff < FP32_WEIGHTS
+        assert losses_two == pytest.approx(losses_one, rel=FP32_LOSSES)
+    else:
+        dist, bf16 = rel_distance(one, two), rel_distance(one, last_weights(fp32_dir))
+        print(f"{label} bf16: |w1 - w2| / |w1| = {dist:.2e}; one process bf16 vs fp32: {bf16:.2e}")
+        assert dist < 0.5 * bf16
+        assert losses_two == pytest.approx(losses_one, rel=BF16_LOSSES)
