@@ -5,9 +5,10 @@ Two parts, each run in a fresh subprocess (so peak RSS is each run's own):
 * **predict** (classification): an SST-2 MiniLM-L6 run (``--run DIR``, or one trained once by this script
   into ``--work-dir``: 2,000 seeded training rows, 1 epoch) labels the SST-2 dev sentences.
 
-  * ``tf-predict``:    ``tuneforge.inference.predict_texts`` (what ``tuneforge predict`` calls), timed whole:
-                       loading the run, tokenizing, length-sorted batches under ``inference_mode`` and the
-                       run's precision (bf16 autocast where the CPU has it).
+  * ``tf-predict``:    what ``tuneforge predict`` runs (``inference.predict_texts``): the run is loaded first
+                       (timed apart, as the pipeline's model is loaded before its clock starts), then the
+                       clock covers tokenizing and length-sorted batches under ``no_grad`` and the run's
+                       precision (bf16 autocast where the CPU has it).
   * ``hf-pipeline``:   ``transformers.pipeline("text-classification")`` over the same folder at its defaults
                        (one text per forward), the model loaded before the clock starts.
   * ``hf-pipeline-b``: the same with ``batch_size`` equal to tuneforge's eval batch (64).
@@ -25,7 +26,7 @@ Two parts, each run in a fresh subprocess (so peak RSS is each run's own):
   tokens/s = generated tokens (up to and including EOS) / wall time of the generation calls. Every run's
   token ids are compared with ``hf-generate``'s; the script fails if tuneforge's differ (greedy equality).
 
-    python benchmarks/bench_inference.py [--rows 872] [--prompts 32] [--max-new-tokens 48] [--only predict|generate]
+    python benchmarks/bench_inference.py [--rows 0] [--prompts 32] [--max-new-tokens 48] [--only predict|generate]
 """
 
 from __future__ import annotations
@@ -49,12 +50,16 @@ GENERATE_RUNS = ("hf-generate", "hf-generate-b", "tf-generate")
 
 
 def _rss_mib() -> float:
+    """This process's peak RSS (VmHWM: ``ru_maxrss`` of a child would start from its parent's peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _dev(rows: int) -> tuple[list[str], list[int]]:
     with open(SST2 / "dev.tsv", encoding="utf-8", newline="") as f:
-        table = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[:rows]
+        table = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))[: rows or None]
     return [r["sentence"] for r in table], [int(r["label"]) for r in table]
 
 
@@ -86,11 +91,17 @@ def ensure_run(work: Path) -> Path:
 
 def run_predict(name: str, a: argparse.Namespace) -> dict:
     texts, gold = _dev(a.rows)
+    load_seconds = None
     if name == "tf-predict":
-        from tuneforge.inference import predict_texts
+        from tuneforge.inference import _runtime, load_run
 
+        # what `tuneforge predict` (inference.predict_texts) runs, with loading timed apart as for the pipeline
         t0 = time.perf_counter()
-        rows = predict_texts(a.run, texts, None, [])
+        run = load_run(a.run, [])
+        objective, built, runtime, batch_size = _runtime(run, a.run)
+        load_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rows = objective.predict(built, texts, None, batch_size=batch_size, runtime=runtime)
         seconds = time.perf_counter() - t0
         labels = [int(r["label"]) for r in rows]
     else:
@@ -106,7 +117,7 @@ def run_predict(name: str, a: argparse.Namespace) -> dict:
         labels = [int(label2id[o["label"]]) if o["label"] in label2id else int(o["label"]) for o in out]
     acc = sum(int(p == g) for p, g in zip(labels, gold, strict=True)) / len(gold)
     return {"texts": len(texts), "seconds": seconds, "texts_per_s": len(texts) / seconds, "accuracy": acc,
-            "labels": labels, "peak_rss_mib": _rss_mib()}
+            "load_seconds": load_seconds, "labels": labels, "peak_rss_mib": _rss_mib()}
 
 
 def _new_tokens(row: list[int], eos: set[int]) -> list[int]:
@@ -169,7 +180,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--run", type=Path, help="a finished SST-2 classification run (default: train one once)")
     p.add_argument("--work-dir", type=Path, default=ROOT / ".cache" / "bench-inference")
-    p.add_argument("--rows", type=int, default=872, help="SST-2 dev sentences to label (872 = all)")
+    p.add_argument("--rows", type=int, default=0, help="first N SST-2 dev sentences to label (0 = all 6,735)")
     p.add_argument("--hf-batch", type=int, default=64)
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -192,8 +203,9 @@ def main() -> None:
         a.run = a.run or ensure_run(a.work_dir)
         for name in PREDICT_RUNS:
             results[name] = r = _child(name, a)
-            print(f"{name:>14}: {r['texts_per_s']:8.1f} texts/s ({r['seconds']:.2f} s), accuracy {100 * r['accuracy']:.2f}%, "
-                  f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+            load = f", +{r['load_seconds']:.2f} s loading the run" if r["load_seconds"] is not None else ""
+            print(f"{name:>14}: {r['texts_per_s']:8.1f} texts/s ({r['seconds']:.2f} s{load}), accuracy "
+                  f"{100 * r['accuracy']:.2f}%, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
         ref = results["tf-predict"]["labels"]
         for name in ("hf-pipeline", "hf-pipeline-b"):
             same = sum(int(x == y) for x, y in zip(results[name]["labels"], ref, strict=True))

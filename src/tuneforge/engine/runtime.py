@@ -181,8 +181,14 @@ class Runtime:
 
     @contextlib.contextmanager
     def inference(self) -> Iterator[None]:
-        """``inference_mode`` + autocast: what every evaluation and prediction runs under."""
-        with torch.inference_mode(), self.autocast():
+        """``no_grad`` + autocast: what every evaluation and prediction runs under.
+
+        Not ``inference_mode``: under it autocast does not cache its casts of the weights, so every batch
+        cast every fp32 weight to bf16 again (21% of a MiniLM prediction's time, `aten::copy_`). Under
+        ``no_grad`` the cast of each trainable weight is made once for the whole context (autocast caches
+        casts of leaf tensors that require grad) and reused by every batch; the numbers are the same.
+        """
+        with torch.no_grad(), self.autocast():
             yield
 
     def grad_scaler(self) -> torch.amp.GradScaler | None:
