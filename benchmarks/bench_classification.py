@@ -7,13 +7,16 @@ Each run is a fresh subprocess that reports its own peak RSS and timings as JSON
 
 * ``hf-default``: transformers ``Trainer`` at its defaults (fp32, random sampler) + DataCollatorWithPadding.
 * ``hf-tuned``:   the same plus ``bf16=True`` and length-grouped sampling.
-* ``tuneforge``:  ``tuneforge.pipeline.train`` at its defaults (precision auto, group_by_length on).
+* ``tuneforge``:  ``tuneforge.pipeline.train`` at its defaults (precision auto, group_by_length on,
+  fast_dropout on).
+* ``tuneforge-sparse``: the same plus ``train.sparse_embeddings=true`` (row-sparse word-embedding updates).
 
 Headline throughput = training samples / wall time of the training loop (every batch's data loading /
 collation, forward, backward, clipping, optimizer and scheduler step, per-step bookkeeping; not model
 loading, tokenization, evaluation or checkpointing). See benchmarks/README.md for all definitions.
 
     python benchmarks/bench_classification.py [--train-rows 8000] [--dev-rows 872] [--steps N] [--batch-size 32]
+        [--runs hf-tuned,tuneforge,tuneforge-sparse]
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2"
 RESULTS = ROOT / "benchmarks" / "results" / "classification.json"
-RUNS = ("hf-default", "hf-tuned", "tuneforge")
+RUNS = ("hf-default", "hf-tuned", "tuneforge", "tuneforge-sparse")
+TUNEFORGE_EXTRA = {"tuneforge": [], "tuneforge-sparse": ["train.sparse_embeddings=true"]}
 LR, WD, CLIP, MAX_LEN, WARMUP_RATIO = 5e-5, 0.01, 1.0, 128, 0.06
 
 
@@ -157,7 +161,7 @@ def child_hf(a: argparse.Namespace, tuned: bool) -> dict:
     }
 
 
-def child_tuneforge(a: argparse.Namespace) -> dict:
+def child_tuneforge(a: argparse.Namespace, extra: list[str]) -> dict:
     import torch
 
     from tuneforge.config import load_config
@@ -183,7 +187,7 @@ def child_tuneforge(a: argparse.Namespace) -> dict:
         "data.text_column=sentence", "data.label_column=label", f"data.max_length={MAX_LEN}",
         f"train.max_steps={a.steps}", f"train.batch_size={a.batch_size}", f"train.lr={LR}",
         f"train.warmup_steps={a.warmup}", f"train.weight_decay={WD}", f"train.max_grad_norm={CLIP}",
-        f"train.seed={a.seed}", "train.tensorboard=false", f"output_dir={a.workdir}",
+        f"train.seed={a.seed}", "train.tensorboard=false", f"output_dir={a.workdir}", *extra,
     ])
     m = train(cfg, overwrite=True, quiet=True).metrics
     tr = m["train"]
@@ -217,51 +221,59 @@ def run_child(name: str, a: argparse.Namespace, work: Path) -> dict:
 
 # ----------------------------------------------------------------------------- parent
 def report(a: argparse.Namespace, res: dict, peak: dict) -> dict:
-    tf, hd, ht = res["tuneforge"], res["hf-default"], res["hf-tuned"]
+    """Print the table, the ratios of every tuneforge run to every HF run present, and MFU; returns the summary."""
+    peers = {k: res[n] for k, n in (("default", "hf-default"), ("tuned", "hf-tuned")) if n in res}
+    ours = [n for n in TUNEFORGE_EXTRA if n in res]
     print(f"\nSST-2 subset: {a.train_rows} train rows, {a.dev_rows} dev rows, {a.steps} optimizer steps, batch "
           f"{a.batch_size}, warmup {a.warmup}, {peak['threads']} torch threads")
     print("samples/s = training samples / training-loop wall time (data + fwd + bwd + clip + optimizer; no load/eval)")
-    head = f"{'run':<11}{'samples/s':>10}{'step-only':>10}{'vs hf-def':>10}{'vs hf-tuned':>12}{'RSS MiB':>9}{'dev acc':>9}{'cpu util':>10}"
+    head = (f"{'run':<17}{'samples/s':>10}{'step-only':>10}" + "".join(f"{'vs hf-' + k:>13}" for k in peers)
+            + f"{'RSS MiB':>9}{'dev acc':>9}{'cpu util':>10}")
     print(head + "\n" + "-" * len(head))
-    for name in RUNS:
-        r = res[name]
-        print(f"{name:<11}{r['samples_per_s']:>10.1f}{r['step_only_samples_per_s']:>10.1f}"
-              f"{r['samples_per_s'] / hd['samples_per_s']:>9.2f}x{r['samples_per_s'] / ht['samples_per_s']:>11.2f}x"
+    for name, r in res.items():
+        ratios = "".join(f"{r['samples_per_s'] / h['samples_per_s']:>12.2f}x" for h in peers.values())
+        print(f"{name:<17}{r['samples_per_s']:>10.1f}{r['step_only_samples_per_s']:>10.1f}{ratios}"
               f"{r['peak_rss_mib']:>9.0f}{100 * r['dev_accuracy']:>8.2f}%{100 * r['cpu_util']:>9.0f}%")
-    if min(res[n]["cpu_util"] for n in RUNS) < 0.85:
+    if min(r["cpu_util"] for r in res.values()) < 0.85:
         print("WARNING: cpu util < 85% (process CPU time / (loop wall x threads)): other load shared the cores")
     print()
     summary: dict = {}
-    for k, h, target in (("default", hd, 2.0), ("tuned", ht, 1.25)):
-        speed, step = tf["samples_per_s"] / h["samples_per_s"], tf["step_only_samples_per_s"] / h["step_only_samples_per_s"]
-        acc, rss = 100 * (tf["dev_accuracy"] - h["dev_accuracy"]), tf["peak_rss_mib"] / h["peak_rss_mib"]
-        summary.update({f"tuneforge_vs_hf_{k}": speed, f"tuneforge_vs_hf_{k}_step_only": step,
-                        f"acc_diff_vs_hf_{k}_pts": acc, f"rss_vs_hf_{k}": rss})
-        print(f"tuneforge / hf-{k}: {speed:.2f}x (target >= {target}: {'PASS' if speed >= target else 'FAIL'}; "
-              f"step-only {step:.2f}x) | dev accuracy {acc:+.2f} points (target within 1: "
-              f"{'PASS' if abs(acc) <= 1 else 'FAIL'}) | peak RSS {tf['peak_rss_mib']:.0f} vs {h['peak_rss_mib']:.0f} "
-              f"MiB ({rss:.2f}x)")
+    for name in ours:
+        tf = res[name]
+        for k, h in peers.items():
+            target = {"default": 2.0, "tuned": 1.25}[k]
+            speed = tf["samples_per_s"] / h["samples_per_s"]
+            step = tf["step_only_samples_per_s"] / h["step_only_samples_per_s"]
+            acc, rss = 100 * (tf["dev_accuracy"] - h["dev_accuracy"]), tf["peak_rss_mib"] / h["peak_rss_mib"]
+            summary.update({f"{name}_vs_hf_{k}": speed, f"{name}_vs_hf_{k}_step_only": step,
+                            f"{name}_acc_diff_vs_hf_{k}_pts": acc, f"{name}_rss_vs_hf_{k}": rss})
+            print(f"{name} / hf-{k}: {speed:.2f}x (target >= {target}: {'PASS' if speed >= target else 'FAIL'}; "
+                  f"step-only {step:.2f}x) | dev accuracy {acc:+.2f} points (target within 1: "
+                  f"{'PASS' if abs(acc) <= 1 else 'FAIL'}) | peak RSS {tf['peak_rss_mib']:.0f} vs "
+                  f"{h['peak_rss_mib']:.0f} MiB ({rss:.2f}x)")
     for name in ("hf-default", "hf-tuned"):
-        r = res[name]
-        print(f"{name}: {1000 * r['loop_s'] / r['steps']:.0f} ms/step loop, {1000 * r['steps_s'] / r['steps']:.0f} "
-              f"ms/step inside on_step_begin..end, {1000 * (r['loop_s'] - r['steps_s']) / r['steps']:.1f} ms/step "
-              f"outside (data loading + bookkeeping); trainer.train() {r['train_call_s']:.1f}s vs loop {r['loop_s']:.1f}s")
-    print(f"tuneforge: {1000 * tf['loop_s'] / tf['steps']:.0f} ms/step loop, {1000 * tf['steps_s'] / tf['steps']:.0f} "
-          f"ms/step in _step (collate+fwd+bwd+optimizer)")
-    # MFU: 6 * N * tokens/s, N = encoder parameters (embeddings and the once-per-sequence pooler/head excluded);
-    # attention score/value matmuls add 12 * L * T * d per token (T = mean real length, padding excluded).
-    tok_s, mean_len = tf["tokens_per_s"], tf["tokens_per_s"] / tf["step_only_samples_per_s"]
-    dense = 6 * peak["params_encoder"] * tok_s
-    attn = 12 * peak["n_layers"] * mean_len * peak["hidden"] * tok_s
-    summary.update(model_gflops_dense=dense / 1e9, model_gflops_with_attention=(dense + attn) / 1e9,
-                   mfu_dense=dense / (peak["matmul_bf16_gflops"] * 1e9),
-                   mfu_with_attention=(dense + attn) / (peak["matmul_bf16_gflops"] * 1e9), mean_tokens=mean_len)
+        if name in res:
+            r = res[name]
+            print(f"{name}: {1000 * r['loop_s'] / r['steps']:.0f} ms/step loop, {1000 * r['steps_s'] / r['steps']:.0f} "
+                  f"ms/step inside on_step_begin..end, {1000 * (r['loop_s'] - r['steps_s']) / r['steps']:.1f} ms/step "
+                  f"outside (data loading + bookkeeping); trainer.train() {r['train_call_s']:.1f}s vs loop {r['loop_s']:.1f}s")
     print(f"\nmatmul peak 2048^3: fp32 {peak['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 {peak['matmul_bf16_gflops']:.0f} "
           f"GFLOP/s (best of 7)")
-    print(f"tuneforge: {tok_s:.0f} real tokens/s (mean {mean_len:.1f} tokens/example), N_encoder = "
-          f"{peak['params_encoder'] / 1e6:.2f}M of {peak['params_total'] / 1e6:.2f}M params")
-    print(f"achieved 6*N*tok/s = {dense / 1e9:.1f} GFLOP/s -> MFU {100 * summary['mfu_dense']:.1f}% of bf16 peak; "
-          f"with attention (+12*L*T*d*tok/s) {(dense + attn) / 1e9:.1f} GFLOP/s -> {100 * summary['mfu_with_attention']:.1f}%")
+    for name in ours:
+        tf = res[name]
+        print(f"{name}: {1000 * tf['loop_s'] / tf['steps']:.0f} ms/step loop, {1000 * tf['steps_s'] / tf['steps']:.0f} "
+              f"ms/step in _step (collate+fwd+bwd+optimizer)")
+        # MFU: 6 * N * tokens/s, N = encoder parameters (embeddings and the once-per-sequence pooler/head
+        # excluded); attention score/value matmuls add 12 * L * T * d per token (T = mean real length).
+        tok_s, mean_len = tf["tokens_per_s"], tf["tokens_per_s"] / tf["step_only_samples_per_s"]
+        dense = 6 * peak["params_encoder"] * tok_s
+        attn = 12 * peak["n_layers"] * mean_len * peak["hidden"] * tok_s
+        mfu, mfu_attn = dense / (peak["matmul_bf16_gflops"] * 1e9), (dense + attn) / (peak["matmul_bf16_gflops"] * 1e9)
+        summary.update({f"{name}_mfu_dense": mfu, f"{name}_mfu_with_attention": mfu_attn,
+                        f"{name}_mean_tokens": mean_len})
+        print(f"  {tok_s:.0f} real tokens/s (mean {mean_len:.1f} tokens/example), N_encoder = "
+              f"{peak['params_encoder'] / 1e6:.2f}M of {peak['params_total'] / 1e6:.2f}M params; 6*N*tok/s = "
+              f"{dense / 1e9:.1f} GFLOP/s -> MFU {100 * mfu:.1f}% of bf16 peak ({100 * mfu_attn:.1f}% with attention)")
     return summary
 
 
@@ -272,14 +284,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 1 epoch)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     p.add_argument("--child", choices=("peak", *RUNS), help=argparse.SUPPRESS)
     for hidden in ("--train-file", "--dev-file", "--workdir"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
     a = p.parse_args()
+    a.runs = [r.strip() for r in a.runs.split(",") if r.strip()]
+    if bad := [r for r in a.runs if r not in RUNS]:
+        p.error(f"--runs: unknown {bad}; allowed: {', '.join(RUNS)}")
     if a.child:
         fn = {"peak": child_peak, "hf-default": lambda x: child_hf(x, False), "hf-tuned": lambda x: child_hf(x, True),
-              "tuneforge": child_tuneforge}[a.child]
+              **{k: (lambda x, e=e: child_tuneforge(x, e)) for k, e in TUNEFORGE_EXTRA.items()}}[a.child]
         out = fn(a)
         out["peak_rss_mib"] = peak_rss_mib()
         print(json.dumps(out))
@@ -293,7 +309,7 @@ def main() -> None:
         a.steps = a.steps or math.ceil(a.train_rows / a.batch_size)
         a.warmup = round(WARMUP_RATIO * a.steps)
         res = {}
-        for name in ("peak", *RUNS):
+        for name in ("peak", *a.runs):
             print(f"running {name} ...", flush=True)
             res[name] = run_child(name, a, work)
             if name != "peak":

@@ -235,6 +235,13 @@ class TrainConfig(StrictModel):
         "adamw", description="adamw (fused AdamW) | adafactor (Shazeer & Stern 2018, torch.optim.Adafactor: updates "
         "relative to each weight's RMS, no first moment; what T5 was trained with, and what a T5 from scratch "
         "needs: its attention has no 1/sqrt(d) scaling, so AdamW's absolute steps blow its logits up; lr ~1e-2)")
+    fast_dropout: bool = Field(
+        True, description="on CPU, draw dropout masks from 16-bit integer randoms (3x cheaper than torch's "
+        "bernoulli_; same dropout, keep probability rounded to 2^-16, a different random stream); false: torch's")
+    sparse_embeddings: bool = Field(
+        False, description="update only the word-embedding rows a step looked up (lazy AdamW on a sparse gradient: "
+        "faster when the vocabulary is large and batches are short; unused rows skip that step's weight decay "
+        "and momentum, so results differ slightly from dense AdamW). Single process, adamw, untied embeddings")
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     schedule: Literal["linear", "cosine", "constant"] = "linear"

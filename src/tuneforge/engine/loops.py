@@ -85,6 +85,21 @@ class Loop(Protocol):
         """Train to the end (or early stop); the last checkpoint is written."""
 
 
+def _check_sparse_embeddings(ctx: LoopContext) -> None:
+    """``train.sparse_embeddings`` needs one process, AdamW and the supervised loop training the model itself."""
+    key = "train.sparse_embeddings"
+    if ctx.runtime.world_size > 1:
+        raise ConfigError("sparse row gradients are single-process only (DDP/FSDP/DeepSpeed reduce dense "
+                          "gradients); set it false under torchrun", key=key)
+    if ctx.cfg.optimizer != "adamw":
+        raise ConfigError(f"needs train.optimizer=adamw (got {ctx.cfg.optimizer})", key=key)
+    if ctx.module is not None and ctx.module is not ctx.model:
+        raise ConfigError("this method trains a view of the model (cached features), not its embedding", key=key)
+    if ctx.runtime.precision == "fp16":
+        raise ConfigError("not with fp16 (the gradient scaler unscales dense gradients only); use bf16 or fp32",
+                          key=key)
+
+
 class LoopBase:
     """The engine pieces wired once: optimizer, schedule, stepper, eval tracker, checkpoint/resume.
 
@@ -102,6 +117,15 @@ class LoopBase:
         self.train_data, self.eval_data, self.logger, self.quiet = ctx.train_data, ctx.eval_data, ctx.logger, ctx.quiet
         self.extensions = list(ctx.extensions)
         self.ckpt_root = ctx.run_dir / "checkpoints"
+        if ctx.cfg.sparse_embeddings:
+            _check_sparse_embeddings(ctx)
+            from tuneforge.engine.sparse_rows import enable_sparse_embedding
+
+            enable_sparse_embedding(self.model)
+        if ctx.cfg.fast_dropout and ctx.runtime.device.type == "cpu":
+            from tuneforge.engine.fast_dropout import use_fast_dropout
+
+            use_fast_dropout(self.module)
         self.optimizer = build_optimizer(ctx.groups, ctx.cfg)
         self.scheduler = build_scheduler(self.optimizer, ctx.cfg, self.total_steps)
         self.params = [p for g in ctx.groups for p in g["params"]]

@@ -74,6 +74,10 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.opt
         raise ValueError("no trainable parameters")
     if cfg.optimizer == "adafactor":
         return torch.optim.Adafactor(groups, lr=groups[0]["lr"])
+    if cfg.sparse_embeddings:  # the row-sparse word embedding (`engine.sparse_rows`)
+        from tuneforge.engine.sparse_rows import RowSparseAdamW
+
+        return RowSparseAdamW(groups, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
     return torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, fused=True)
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from tuneforge.config.schema import TrainConfig
 from tuneforge.engine.checkpoint import TrainerState, latest_checkpoint
 from tuneforge.engine.runtime import Runtime
+from tuneforge.engine.sparse_rows import clip_grad_norm
 from tuneforge.errors import TrainingError
 
 __all__ = ["NonFinitePolicy", "Stepper"]
@@ -80,7 +81,9 @@ class Stepper:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             # The norm is needed anyway to catch NaN/inf gradients behind a finite loss.
-            if self.cfg.max_grad_norm:
+            if self.cfg.max_grad_norm and self.cfg.sparse_embeddings:  # a sparse (row) gradient among them
+                grad_norm = float(clip_grad_norm(self.params, self.cfg.max_grad_norm))
+            elif self.cfg.max_grad_norm:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
             else:
                 grads = [p.grad for p in self.params if p.grad is not None]
