@@ -74,6 +74,21 @@ def test_autocast_inference_scaler_and_placement_on_cpu() -> None:
     assert rt.is_main and rt.world_size == 1 and rt.wrap(lin) is lin
 
 
+def test_inference_casts_each_weight_once_for_all_batches() -> None:
+    """Under ``Runtime.inference`` autocast keeps its bf16 copy of each trainable weight for the whole pass
+    (it does not under ``inference_mode``, which recast every weight for every batch): over 3 batches through
+    3 layers, 6 weight/bias casts + 3 input casts instead of 3 x (6 + 1)."""
+    from torch.profiler import profile
+
+    rt = Runtime.cpu("bf16")
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(3)])
+    with profile() as prof, rt.inference():
+        for _ in range(3):
+            model(torch.randn(2, 8))
+    casts = sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
+    assert casts == 6 + 3, casts
+
+
 def test_rng_state_round_trip() -> None:
     rt = Runtime.cpu()
     state = rt.rng_state()

@@ -162,3 +162,14 @@ def test_refusals_name_the_key(tmp_path: Path, tiny_csv: Callable[..., Path], ov
     with pytest.raises(ConfigError, match=match) as err:
         _run(tmp_path, data, "train.max_steps=1", *overrides)
     assert err.value.key == "train.sparse_embeddings"
+
+
+def test_norm_without_clipping_and_without_gradients() -> None:
+    model, _ = _pair(True)
+    assert float(clip_grad_norm(list(model.parameters()), None)) == 0.0  # no gradients yet
+    nn.functional.cross_entropy(model(torch.tensor([[1, 2]])), torch.tensor([1])).mul(30).backward()
+    before = model.emb.weight.grad.coalesce()._values().clone()
+    norm = clip_grad_norm(list(model.parameters()), None)
+    dense = torch.cat([p.grad.to_dense().flatten() for p in model.parameters()])
+    assert float(norm) == pytest.approx(float(dense.norm()), rel=1e-6)
+    assert torch.equal(model.emb.weight.grad._values(), before)  # nothing scaled

@@ -18,7 +18,7 @@ What it changes, and what it does not (``tests/unit/test_sparse_embeddings.py``)
   the accuracy beside the speed).
 
 No library offers this for AdamW with weight decay (torch's ``SparseAdam`` has no weight decay and no fused
-kernel; TF's ``LazyAdam`` is not torch), hence this module: ~60 lines over torch's own fused kernel.
+kernel; TF's ``LazyAdam`` is not torch), hence this module, built on torch's own fused AdamW kernel.
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ def enable_sparse_embedding(model: nn.Module) -> nn.Parameter:
     return emb.weight
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` (same norm, same ``max_norm / (norm + 1e-6)`` factor capped at 1)
-    over dense and sparse gradients; a sparse gradient is coalesced first (repeated rows summed)."""
+    over dense and sparse gradients; a sparse gradient is coalesced first (repeated rows summed). With
+    ``max_norm`` None or 0 only the norm is returned (nothing is scaled)."""
     dense, sparse = [], []
     for p in params:
         if p.grad is None:
@@ -68,7 +69,11 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     norms = [torch.linalg.vector_norm(g._values(), 2.0) for g in sparse]
     if dense:
         norms.append(torch.nn.utils.get_total_norm(dense))
+    if not norms:
+        return torch.zeros(())
     total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]), 2.0)
+    if not max_norm:
+        return total
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     if dense:
         torch._foreach_mul_(dense, coef.to(dense[0].device))

@@ -81,7 +81,7 @@ class Stepper:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             # The norm is needed anyway to catch NaN/inf gradients behind a finite loss.
-            if self.cfg.max_grad_norm and self.cfg.sparse_embeddings:  # a sparse (row) gradient among them
+            if self.cfg.sparse_embeddings:  # a sparse (row) gradient among them
                 grad_norm = float(clip_grad_norm(self.params, self.cfg.max_grad_norm))
             elif self.cfg.max_grad_norm:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
