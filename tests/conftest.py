@@ -102,3 +102,24 @@ def tiny_csv(tmp_path: Path) -> Callable[..., Path]:
         return write_csv(tmp_path / name, rows if rows is not None else make_rows(n, labels))
 
     return make
+
+
+def interrupt_after_checkpoint(start: Callable[[], object], step: int | None = None) -> None:
+    """Run ``start()`` (a training call) and stop it with KeyboardInterrupt right after it writes its first
+    checkpoint (or the one of optimizer step ``step``): the state a crash mid-run leaves, for resume tests."""
+    import tuneforge.engine.loops as loops
+
+    real = loops.save_checkpoint
+
+    def stop(*args: object, **kwargs: object) -> Path:
+        path = real(*args, **kwargs)
+        if step is None or path.name == f"step-{step:08d}":
+            raise KeyboardInterrupt
+        return path
+
+    loops.save_checkpoint = stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            start()
+    finally:
+        loops.save_checkpoint = real

@@ -12,6 +12,7 @@ import pytest
 import torch
 from test_preference_data import synthetic_pairs, write_jsonl
 
+from conftest import interrupt_after_checkpoint
 from tuneforge.config import load_config
 from tuneforge.engine.runtime import Runtime
 from tuneforge.methods import METHODS
@@ -139,31 +140,18 @@ def test_cli_train_eval_json_and_bad_inputs(pairs, tmp_path: Path) -> None:
     assert proc.returncode == 2 and "bad.jsonl:3" in out and "'rejected'" in out
 
 
-def test_resume_after_an_interruption_gives_the_same_weights(pairs, tmp_path: Path, monkeypatch) -> None:
+def test_resume_after_an_interruption_gives_the_same_weights(pairs, tmp_path: Path) -> None:
     """Stopped right after its step-3 checkpoint and resumed, a full-weights DPO run ends with the weights of an
     uninterrupted one (1e-6): the reference log-probs are computed again from the freshly loaded base model
     on resume, not from the resumed policy (which would change every later loss)."""
     from safetensors.torch import load_file
-
-    import tuneforge.engine.loops as loops
 
     def run(out: str):
         return load_config(None, overrides(*pairs, "method=full", "train.lr=3e-3", "train.max_steps=6",
                                            "train.save_steps=3", f"output_dir={tmp_path / out}"))
 
     whole = train(run("whole"), quiet=True)
-    real = loops.save_checkpoint
-
-    def stop_after_step_3(*args, **kwargs):
-        path = real(*args, **kwargs)
-        if path.name.endswith("03"):
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loops, "save_checkpoint", stop_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(run("cut"), quiet=True)
-    monkeypatch.setattr(loops, "save_checkpoint", real)
+    interrupt_after_checkpoint(lambda: train(run("cut"), quiet=True), step=3)
     resumed = train(run("cut"), resume=True, quiet=True)
     a, b = (load_file(r.run_dir / "model" / "model.safetensors") for r in (whole, resumed))
     assert a.keys() == b.keys()

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import interrupt_after_checkpoint
 from tuneforge.config import TrainConfig, load_config
 from tuneforge.engine import (
     Runtime,
@@ -175,8 +176,6 @@ def test_adafactor_first_step_is_relative_to_each_weights_rms() -> None:
 def test_adafactor_run_learns_and_resumes(tmp_path: Path, tiny_csv: Callable[..., Path]) -> None:
     """A run under Adafactor learns, and stopping after its step-4 checkpoint then resuming (its factored
     second moments restored) ends with the weights of the uninterrupted run."""
-    import tuneforge.engine.loops as loops
-
     data = tiny_csv(rows=EASY_ROWS)
     args = ("train.optimizer=adafactor", "train.lr=1e-2", "train.schedule=constant", "train.warmup_steps=0",
             "train.max_steps=8", "train.save_steps=4", "train.eval_steps=4")
@@ -185,18 +184,7 @@ def test_adafactor_run_learns_and_resumes(tmp_path: Path, tiny_csv: Callable[...
     assert losses[-1] < losses[0]
     assert load_config(a.run_dir / "config.yaml").train.optimizer == "adafactor"
 
-    saved = loops.save_checkpoint
-
-    def stop_after_first(*a: Any, **k: Any) -> Any:
-        saved(*a, **k)
-        raise KeyboardInterrupt
-
-    loops.save_checkpoint = stop_after_first
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            _run(tmp_path, data, *args, name="b")
-    finally:
-        loops.save_checkpoint = saved
+    interrupt_after_checkpoint(lambda: _run(tmp_path, data, *args, name="b"))
     cfg = load_config(tmp_path / "b" / "config.yaml")
     b = train(cfg, resume=True, quiet=True)
     wa = load_file(str(a.run_dir / "model" / "model.safetensors"))

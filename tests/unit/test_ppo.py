@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import interrupt_after_checkpoint
 from tuneforge.config import load_config
 from tuneforge.errors import ConfigError
 from tuneforge.objectives import get_objective
@@ -163,12 +164,10 @@ def test_ppo_with_lora_uses_adapters_off_as_reference_and_its_run_generates_and_
     assert set(again) >= {"reward", "kl", "response_length", "eos_rate"} and again["examples"] == 64
 
 
-def test_resume_after_an_interruption_gives_the_same_weights(prompts: Path, tmp_path: Path, monkeypatch) -> None:
+def test_resume_after_an_interruption_gives_the_same_weights(prompts: Path, tmp_path: Path) -> None:
     """Stopped right after its iteration-3 checkpoint and resumed, a PPO run ends with the weights, value head,
     KL controller and per-iteration logs of an uninterrupted one."""
     from safetensors.torch import load_file
-
-    import tuneforge.engine.loops as loops
 
     def run(out: str):
         return load_config(None, overrides(prompts, tmp_path / out, "train.max_steps=6", "train.save_steps=3",
@@ -176,18 +175,7 @@ def test_resume_after_an_interruption_gives_the_same_weights(prompts: Path, tmp_
                                            "task.mini_batch_size=8", "train.batch_size=8"))
 
     whole = train(run("whole"), quiet=True)
-    real = loops.save_checkpoint
-
-    def stop_after_3(*args, **kwargs):
-        path = real(*args, **kwargs)
-        if path.name.endswith("03"):
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(loops, "save_checkpoint", stop_after_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(run("cut"), quiet=True)
-    monkeypatch.setattr(loops, "save_checkpoint", real)
+    interrupt_after_checkpoint(lambda: train(run("cut"), quiet=True), step=3)
     resumed = train(run("cut"), resume=True, quiet=True)
     last = "checkpoints/step-00000006"
     a, b = (load_file(r.run_dir / last / "trainable.safetensors") for r in (whole, resumed))

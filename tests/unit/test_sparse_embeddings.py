@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from conftest import interrupt_after_checkpoint
 from tuneforge.config import load_config
 from tuneforge.engine.sparse_rows import RowSparseAdamW, clip_grad_norm, enable_sparse_embedding
 from tuneforge.errors import ConfigError
@@ -119,7 +120,6 @@ def _run(tmp_path: Path, data: Path, *overrides: str, name: str = "run") -> Any:
 def test_run_tracks_dense_adamw_and_resumes_exactly(tmp_path: Path, tiny_csv: Callable[..., Path]) -> None:
     """On tiny-bert (few rows used, weight decay 0.01) the per-step losses stay within 0.005 of the dense
     run's; stopping after the step-4 checkpoint and resuming ends with the uninterrupted run's weights."""
-    import tuneforge.engine.loops as loops
     from tuneforge.track import read_metrics
 
     data = tiny_csv(rows=[("good great fun", "pos"), ("bad awful boring", "neg")] * 30)
@@ -129,18 +129,7 @@ def test_run_tracks_dense_adamw_and_resumes_exactly(tmp_path: Path, tiny_csv: Ca
     d = _run(tmp_path, data, *args, "train.sparse_embeddings=false", name="d")
     losses = [[r["loss"] for r in read_metrics(x.run_dir) if r.get("split") == "train" and "loss" in r] for x in (a, d)]
     assert len(losses[0]) == 8 and max(abs(x - y) for x, y in zip(*losses, strict=True)) < 5e-3
-    saved = loops.save_checkpoint
-
-    def stop_after_first(*args_: Any, **kw: Any) -> Any:
-        saved(*args_, **kw)
-        raise KeyboardInterrupt
-
-    loops.save_checkpoint = stop_after_first
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            _run(tmp_path, data, *args, name="b")
-    finally:
-        loops.save_checkpoint = saved
+    interrupt_after_checkpoint(lambda: _run(tmp_path, data, *args, name="b"))
     b = train(load_config(tmp_path / "b" / "config.yaml"), resume=True, quiet=True)
     wa = load_file(str(a.run_dir / "model" / "model.safetensors"))
     wb = load_file(str(b.run_dir / "model" / "model.safetensors"))
