@@ -119,6 +119,37 @@ def run_together(cmds: list[list[str]], cwd: Path, timeout: float) -> list[str]:
     return outs
 
 
+MATRIX_WORKER = str(Path(__file__).with_name("_matrix_worker.py"))
+
+
+def one_process_name(task: str, method: str, precision: str, accum: int) -> str:
+    """The run directory of a case's one-process reference run."""
+    return f"{task}-{method}-{accum}-{precision}-1"
+
+
+def matrix_inputs(d: Path) -> None:
+    """What every matrix case trains on: 64 classification rows, the SFT rows, tiny-bert and tiny-llama
+    without dropout (so one process and two ranks can agree to the last digit)."""
+    classification_data(d, 64)
+    sft_data(d)
+    no_dropout_model("tiny-bert", d / "bert")
+    no_dropout_model("tiny-llama", d / "llama")
+
+
+def launch_against_one_process(d: Path, cases: list[tuple], twos: list, timeout: float) -> None:
+    """Train, at once, every case's one-process references (batch 4, at its precision and in fp32, named
+    `one_process_name`) in one process and ``twos`` (worker entries) in one 2-rank torchrun launch."""
+    refs: dict[str, list[str]] = {}
+    for task, method, precision, accum, *_ in cases:
+        for p in dict.fromkeys([precision, "fp32"]):
+            refs[one_process_name(task, method, p, accum)] = case_args(task, method, p, accum)
+    (d / "refs.json").write_text(json.dumps([[*a, f"output_dir={n}", "train.batch_size=4"] for n, a in refs.items()]))
+    (d / "twos.json").write_text(json.dumps(twos))
+    outs = run_together([[sys.executable, MATRIX_WORKER, "refs.json"], torchrun_cmd(2, MATRIX_WORKER, "twos.json")],
+                        d, timeout)
+    print("one process:\n" + outs[0][-3000:] + "\ntwo ranks:\n" + outs[1][-3000:])
+
+
 def train(cwd: Path, nproc: int, *overrides: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """``tuneforge train OVERRIDES`` in one process (nproc=1, no launcher) or under torchrun."""
     args = ["train", *overrides, *flags]

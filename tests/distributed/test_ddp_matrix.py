@@ -20,7 +20,6 @@ what bf16 itself does; losses agree to 1e-2.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -28,14 +27,12 @@ import pytest
 from _dist import (
     assert_matches_one_process,
     case_args,
-    classification_data,
     last_weights,
+    launch_against_one_process,
+    matrix_inputs,
     max_diff,
-    no_dropout_model,
+    one_process_name,
     ranks_of,
-    run_together,
-    sft_data,
-    torchrun_cmd,
     train_losses,
 )
 
@@ -43,7 +40,6 @@ pytestmark = pytest.mark.e2e
 
 STEPS = 8
 LAUNCH_TIMEOUT = 900  # seconds for the whole matrix (measured ~2-3 min on 2 busy cores); a hang fails here
-WORKER = str(Path(__file__).with_name("_matrix_worker.py"))
 
 CASES = [  # task, method, precision, grad_accum, train.distributed
     ("classification", "full", "fp32", 1, "ddp"),
@@ -62,10 +58,6 @@ CASES = [  # task, method, precision, grad_accum, train.distributed
 ]
 
 
-def _one(task: str, method: str, precision: str, accum: int) -> str:
-    return f"{task}-{method}-{accum}-{precision}-1"
-
-
 def _two(task: str, method: str, precision: str, accum: int, mode: str) -> str:
     return f"{task}-{method}-{accum}-{precision}-{mode}"
 
@@ -75,32 +67,21 @@ def matrix(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every run of the matrix, trained: the one-process references (batch 4; for a bf16 case also its fp32
     twin) in one process, the 2-rank runs (batch 2 per rank) in one torchrun launch, both at once."""
     d = tmp_path_factory.mktemp("ddp-matrix")
-    classification_data(d, 64)
-    sft_data(d)
-    no_dropout_model("tiny-bert", d / "bert")
-    no_dropout_model("tiny-llama", d / "llama")
-    refs: dict[str, list[str]] = {}
-    for task, method, precision, accum, _ in CASES:
-        for p in dict.fromkeys([precision, "fp32"]):
-            refs[_one(task, method, p, accum)] = case_args(task, method, p, accum)
+    matrix_inputs(d)
     twos = [[*case_args(*c[:4]), f"output_dir={_two(*c)}", "train.batch_size=2", f"train.distributed={c[4]}"]
             for c in CASES]
-    (d / "refs.json").write_text(json.dumps([[*a, f"output_dir={n}", "train.batch_size=4"] for n, a in refs.items()]))
-    (d / "twos.json").write_text(json.dumps(twos))
-    outs = run_together([[sys.executable, WORKER, "refs.json"], torchrun_cmd(2, WORKER, "twos.json")], d,
-                        LAUNCH_TIMEOUT)
-    print("one process:\n" + outs[0][-3000:] + "\ntwo ranks:\n" + outs[1][-3000:])
+    launch_against_one_process(d, CASES, twos, LAUNCH_TIMEOUT)
     return d
 
 
 @pytest.mark.parametrize(("task", "method", "precision", "accum", "mode"), CASES)
 def test_two_ranks_equal_one_process(matrix: Path, task: str, method: str, precision: str, accum: int,
                                      mode: str) -> None:
-    one_dir, two_dir = matrix / _one(task, method, precision, accum), matrix / _two(task, method, precision, accum, mode)
+    one_dir, two_dir = matrix / one_process_name(task, method, precision, accum), matrix / _two(task, method, precision, accum, mode)
     assert sorted(train_losses(one_dir)) == sorted(train_losses(two_dir)) == list(range(1, STEPS + 1))
     assert (ranks_of(one_dir), ranks_of(two_dir)) == (1, 2)
     assert (two_dir / "model").is_dir()  # the 2-rank run wrote its final model (gathered from shards under FSDP)
-    assert_matches_one_process(one_dir, two_dir, matrix / _one(task, method, "fp32", accum), precision,
+    assert_matches_one_process(one_dir, two_dir, matrix / one_process_name(task, method, "fp32", accum), precision,
                                f"{task} {method} accum={accum} {mode}")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,14 +26,12 @@ from _dist import (
     COMMON,
     assert_matches_one_process,
     case_args,
-    classification_data,
     last_weights,
+    launch_against_one_process,
+    matrix_inputs,
     max_diff,
-    no_dropout_model,
+    one_process_name,
     ranks_of,
-    run_together,
-    sft_data,
-    torchrun_cmd,
     train_losses,
 )
 
@@ -43,7 +40,6 @@ if importlib.util.find_spec("deepspeed") is None:  # not imported here: that alo
 
 pytestmark = pytest.mark.e2e
 
-WORKER = str(Path(__file__).with_name("_matrix_worker.py"))
 LAUNCH_TIMEOUT = 1200  # seconds for all runs (importing deepspeed alone takes ~1 min per process on a busy CPU)
 CASES = [  # task, method, precision, grad_accum, ZeRO stage
     ("classification", "full", "fp32", 1, 1),
@@ -51,10 +47,6 @@ CASES = [  # task, method, precision, grad_accum, ZeRO stage
     ("sft", "lora", "fp32", 2, 2),
     ("sft", "full", "bf16", 1, 2),
 ]
-
-
-def _one(task: str, method: str, precision: str, accum: int) -> str:
-    return f"{task}-{method}-{accum}-{precision}-1"
 
 
 def _zero(task: str, method: str, precision: str, accum: int, stage: int) -> str:
@@ -71,14 +63,7 @@ RESUMED = ("classification", "full", "fp32", 2, 2)  # continued from its step-4 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("deepspeed")
-    classification_data(d, 64)
-    sft_data(d)
-    no_dropout_model("tiny-bert", d / "bert")
-    no_dropout_model("tiny-llama", d / "llama")
-    refs: dict[str, list[str]] = {}
-    for task, method, precision, accum, _ in CASES:
-        for p in dict.fromkeys([precision, "fp32"]):
-            refs[_one(task, method, p, accum)] = case_args(task, method, p, accum)
+    matrix_inputs(d)
     twos: list = [[*case_args(*c[:4]), f"output_dir={_zero(*c)}", "train.batch_size=2", *_ds(c[4])] for c in CASES]
     for accum in (1, 2):  # DDP twins of the two classification cases
         twos.append([*case_args("classification", "full", "fp32", accum), f"output_dir=ddp-{accum}",
@@ -88,24 +73,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
                  "copy": [f"{src}/checkpoints/step-00000004", "resumed/checkpoints/step-00000004"], "resume": True})
     twos.append({"args": ["model=bert", *COMMON, "output_dir=nan-zero", "train.max_steps=5", "train.batch_size=4",
                           "train.nonfinite=skip", *_ds(2)], "nan_at": [1, 3]})  # rank 1's 3rd micro-batch only
-    (d / "refs.json").write_text(json.dumps([[*a, f"output_dir={n}", "train.batch_size=4"] for n, a in refs.items()]))
-    (d / "twos.json").write_text(json.dumps(twos))
-    outs = run_together([[sys.executable, WORKER, "refs.json"], torchrun_cmd(2, WORKER, "twos.json")], d,
-                        LAUNCH_TIMEOUT)
-    print("one process:\n" + outs[0][-2000:] + "\ntwo ranks:\n" + outs[1][-3000:])
+    launch_against_one_process(d, CASES, twos, LAUNCH_TIMEOUT)
     return d
 
 
 @pytest.mark.parametrize(("task", "method", "precision", "accum", "stage"), CASES)
 def test_zero_two_ranks_equal_one_process(runs: Path, task: str, method: str, precision: str, accum: int,
                                           stage: int) -> None:
-    one_dir, two_dir = runs / _one(task, method, precision, accum), runs / _zero(task, method, precision, accum, stage)
+    one_dir, two_dir = runs / one_process_name(task, method, precision, accum), runs / _zero(task, method, precision, accum, stage)
     assert sorted(train_losses(one_dir)) == sorted(train_losses(two_dir)) == list(range(1, 9))
     assert ranks_of(two_dir) == 2
     last = sorted((two_dir / "checkpoints").glob("step-*"))[-1]
     assert len(list((last / "deepspeed").glob("zero_pp_rank_*_optim_states.pt"))) == 2  # one partition per rank
     assert (two_dir / "model" / "model.safetensors").is_file() or (two_dir / "model" / "adapter_model.safetensors").is_file()
-    assert_matches_one_process(one_dir, two_dir, runs / _one(task, method, "fp32", accum), precision,
+    assert_matches_one_process(one_dir, two_dir, runs / one_process_name(task, method, "fp32", accum), precision,
                                f"{task} {method} accum={accum} ZeRO-{stage}")
 
 
