@@ -122,20 +122,18 @@ def train(run: RunConfig, *, resume: bool = False, overwrite: bool = False, quie
     data = objective.load_data(run)  # every input check happens here, before the run dir exists
     extensions = create_extensions(run, objective, data)  # their input checks too
     lossy = [e.name for e in extensions if type(e).extra_loss is not Extension.extra_loss]
-    if runtime.distributed == "fsdp" and lossy:
+    why_not = {"fsdp": "their anchors and teachers would see sharded weights", "deepspeed": "not tested there"}
+    if lossy and runtime.distributed in why_not:
         raise ConfigError(f"extensions that add a loss term ({', '.join(lossy)}) are not supported with "
-                          "train.distributed=fsdp (their anchors and teachers would see sharded weights); use ddp",
+                          f"train.distributed={runtime.distributed} ({why_not[runtime.distributed]}); use ddp",
                           key="train.distributed")
-    if runtime.distributed == "deepspeed" and lossy:
-        raise ConfigError(f"extensions that add a loss term ({', '.join(lossy)}) are not supported with "
-                          "train.distributed=deepspeed (not tested there); use ddp", key="train.distributed")
     if runtime.distributed == "deepspeed":  # its config is checked here, before anything is built
         from tuneforge.engine.deepspeed_zero import ds_config
 
         ds_config(run.train, runtime.world_size)
-    if runtime.distributed == "deepspeed" and objective.spec.loop != "supervised":
-        raise ConfigError(f"task {run.task.name} trains with the '{objective.spec.loop}' loop, which "
-                          "train.distributed=deepspeed does not drive; use ddp", key="train.distributed")
+        if objective.spec.loop != "supervised":
+            raise ConfigError(f"task {run.task.name} trains with the '{objective.spec.loop}' loop, which "
+                              "train.distributed=deepspeed does not drive; use ddp", key="train.distributed")
     n_layers = num_layers(model_config)
     run.method.check_model(n_layers)
     run_dir = _check_run_dir(run, resume, overwrite)
