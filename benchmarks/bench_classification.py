@@ -26,12 +26,13 @@ import json
 import math
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import peak_rss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2"
@@ -62,10 +63,6 @@ def samples_for(steps: int, n: int, bs: int) -> int:
     per_epoch = math.ceil(n / bs)
     full, rest = divmod(steps, per_epoch)
     return full * n + min(rest * bs, n)
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
 # ----------------------------------------------------------------------------- children

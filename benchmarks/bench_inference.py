@@ -34,11 +34,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _common import peak_rss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -47,14 +48,6 @@ ALPACA = DATA / "instruct" / "alpaca_en_demo.json"
 RESULTS = ROOT / "benchmarks" / "results" / "inference.json"
 PREDICT_RUNS = ("hf-pipeline", "hf-pipeline-b", "tf-predict")
 GENERATE_RUNS = ("hf-generate", "hf-generate-b", "tf-generate")
-
-
-def _rss_mib() -> float:
-    """This process's peak RSS (VmHWM: ``ru_maxrss`` of a child would start from its parent's peak)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _dev(rows: int) -> tuple[list[str], list[int]]:
@@ -117,7 +110,7 @@ def run_predict(name: str, a: argparse.Namespace) -> dict:
         labels = [int(label2id[o["label"]]) if o["label"] in label2id else int(o["label"]) for o in out]
     acc = sum(int(p == g) for p, g in zip(labels, gold, strict=True)) / len(gold)
     return {"texts": len(texts), "seconds": seconds, "texts_per_s": len(texts) / seconds, "accuracy": acc,
-            "load_seconds": load_seconds, "labels": labels, "peak_rss_mib": _rss_mib()}
+            "load_seconds": load_seconds, "labels": labels, "peak_rss_mib": peak_rss_mib()}
 
 
 def _new_tokens(row: list[int], eos: set[int]) -> list[int]:
@@ -150,7 +143,7 @@ def run_generate(name: str, a: argparse.Namespace) -> dict:
                         chat=True)
         seconds = time.perf_counter() - t0
         # tuneforge returns text (special tokens skipped), compared below with the decoded ids of the HF runs
-        return {"prompts": len(prompts), "seconds": seconds, "texts": outs, "peak_rss_mib": _rss_mib()}
+        return {"prompts": len(prompts), "seconds": seconds, "texts": outs, "peak_rss_mib": peak_rss_mib()}
     step = 1 if name == "hf-generate" else a.gen_batch
     with torch.inference_mode():
         for s in range(0, len(texts), step):
@@ -162,7 +155,7 @@ def run_generate(name: str, a: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - t0
     return {"prompts": len(prompts), "seconds": seconds, "ids": ids,
             "texts": [tok.decode(x, skip_special_tokens=True) for x in ids], "tokens": sum(len(x) for x in ids),
-            "peak_rss_mib": _rss_mib()}
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def _child(name: str, a: argparse.Namespace) -> dict:

@@ -38,6 +38,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _common import peak_rss_mib
+
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "text" / "tinyshakespeare.txt"
 RESULTS = ROOT / "benchmarks" / "results" / "pretrain.json"
@@ -161,7 +163,7 @@ def main() -> None:
     if a.one:
         res = (run_tuneforge(a.work, a, a.seed) if a.one == "tuneforge"
                else run_hf(a.work, a, a.seed, a.one == "hf-bf16"))
-        print("RESULT " + json.dumps(res))
+        print("RESULT " + json.dumps(res | {"peak_rss_mib": peak_rss_mib()}))
         return
     if not TEXT.is_file():
         sys.exit(f"{TEXT} not found (the shared data folder)")
@@ -186,7 +188,7 @@ def main() -> None:
                 r["tokens_per_s"] = r["tokens"] / r["seconds"]
                 results[name][seed] = r
                 print(f"{name:>10} seed {seed}: {r['tokens_per_s']:8.0f} tokens/s ({r['precision']}, {r['seconds']:.1f} s), "
-                      f"held-out loss {r['heldout_loss']:.4f}", flush=True)
+                      f"held-out loss {r['heldout_loss']:.4f}, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
     print("\nrun         tokens/s (mean)   held-out loss per seed            mean")
     for name in runs:
         rs = [results[name][s] for s in seeds]

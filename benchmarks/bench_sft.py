@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import peak_rss_mib
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
 RESULTS = ROOT / "benchmarks" / "results" / "sft.json"
@@ -196,7 +198,7 @@ def main() -> None:
     a = p.parse_args()
     if a.one:
         res = child_tuneforge(a) if a.one == "tuneforge" else child_trl(a, gc=a.one == "trl-default")
-        print("RESULT " + json.dumps(res))
+        print("RESULT " + json.dumps(res | {"peak_rss_mib": peak_rss_mib()}))
         return
     if not DATA.is_file():
         sys.exit(f"{DATA} not found (the shared data folder)")
@@ -220,7 +222,8 @@ def main() -> None:
                 results["base_heldout_loss"] = r["base_heldout_loss"]
                 print(f"base model held-out response loss: {r['base_heldout_loss']:.4f}", flush=True)
             print(f"{name:>12}: {r['tokens_per_s']:7.0f} tokens/s ({r['tokens']} tokens in {r['rows']} rows, "
-                  f"{r['steps']} steps, {r['loop_s']:.0f} s), held-out loss {r['heldout_loss']:.4f}", flush=True)
+                  f"{r['steps']} steps, {r['loop_s']:.0f} s), held-out loss {r['heldout_loss']:.4f}, peak RSS "
+                  f"{r['peak_rss_mib']:.0f} MiB", flush=True)
     if "tuneforge" in results:
         for name in ("trl-default", "trl-no-gc"):
             if name in results:
