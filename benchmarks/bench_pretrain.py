@@ -19,8 +19,9 @@ Same work for every run (each a fresh subprocess):
   trained with. tuneforge: its own end-of-training evaluation; HF: the same computation in this script on
   the same rows (checked against tuneforge's own number on tuneforge's model: equal to 1e-6).
 
-Runs: ``hf-default`` (Trainer defaults, fp32), ``hf-bf16`` (``bf16=True``), ``tuneforge`` (its defaults:
-bf16 autocast where the CPU has it). Throughput = trained tokens / training-loop wall time (tuneforge:
+Runs: ``hf-default`` (Trainer defaults, fp32), ``hf-bf16`` (``bf16=True``), ``hf-bf16-alloc`` (the same
+in a process given tuneforge's malloc settings, `engine.allocator`: what part of the ratio is the allocator),
+``tuneforge`` (its defaults: bf16 autocast where the CPU has it, ``train.tune_allocator``). Throughput = trained tokens / training-loop wall time (tuneforge:
 ``train_seconds``; HF: ``train_runtime``), evaluation excluded.
 
     python benchmarks/bench_pretrain.py [--steps 150] [--seeds 0,1,2] [--runs hf-bf16,tuneforge]
@@ -43,7 +44,7 @@ from _common import peak_rss_mib
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "text" / "tinyshakespeare.txt"
 RESULTS = ROOT / "benchmarks" / "results" / "pretrain.json"
-RUNS = ("hf-default", "hf-bf16", "tuneforge")
+RUNS = ("hf-default", "hf-bf16", "hf-bf16-alloc", "tuneforge")
 
 
 def _warmup(steps: int) -> int:
@@ -161,8 +162,12 @@ def main() -> None:
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
+        if a.one == "hf-bf16-alloc":
+            from tuneforge.engine.allocator import tune_cpu_allocator
+
+            tune_cpu_allocator()
         res = (run_tuneforge(a.work, a, a.seed) if a.one == "tuneforge"
-               else run_hf(a.work, a, a.seed, a.one == "hf-bf16"))
+               else run_hf(a.work, a, a.seed, a.one.startswith("hf-bf16")))
         print("RESULT " + json.dumps(res | {"peak_rss_mib": peak_rss_mib()}))
         return
     if not TEXT.is_file():
@@ -197,7 +202,7 @@ def main() -> None:
               f"{', '.join(f'{x:.4f}' for x in losses):32s}  {statistics.mean(losses):.4f}")
     if "tuneforge" in runs:
         tf = statistics.mean(results["tuneforge"][s]["tokens_per_s"] for s in seeds)
-        for name in ("hf-default", "hf-bf16"):
+        for name in ("hf-default", "hf-bf16", "hf-bf16-alloc"):
             if name in runs:
                 print(f"tuneforge / {name}: {tf / statistics.mean(results[name][s]['tokens_per_s'] for s in seeds):.2f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

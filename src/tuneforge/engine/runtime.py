@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from tuneforge.engine import distributed as dist_
+from tuneforge.engine.allocator import tune_cpu_allocator
 from tuneforge.errors import ConfigError
 
 __all__ = ["Runtime", "available_devices", "cpu_has_bf16", "resolve_device", "resolve_precision"]
@@ -122,6 +123,11 @@ def _rank_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def _tune_host(device: torch.device, wanted: bool) -> None:
+    if wanted and device.type == "cpu":
+        tune_cpu_allocator()
+
+
 @dataclass
 class Runtime:
     """Device, precision and process placement of one run (see module docstring)."""
@@ -135,15 +141,19 @@ class Runtime:
     backend: str = ""  # the process group's backend (gloo, nccl) when world_size > 1
 
     @classmethod
-    def create(cls, device: str = "auto", precision: str = "auto", distributed: str = "auto") -> Runtime:
+    def create(cls, device: str = "auto", precision: str = "auto", distributed: str = "auto", *,
+               tune_allocator: bool = True) -> Runtime:
         """From ``train.device`` / ``train.precision`` / ``train.distributed`` values and the launcher's
-        environment; errors name those keys. Under a launcher (``WORLD_SIZE`` > 1) this joins the process group."""
+        environment; errors name those keys. Under a launcher (``WORLD_SIZE`` > 1) this joins the process group.
+        On a CPU, ``tune_allocator`` (``train.tune_allocator``) applies `engine.allocator`'s malloc settings."""
         place = dist_.env_placement()
         if place.world_size == 1:
             dev = resolve_device(device)
+            _tune_host(dev, tune_allocator)
             return cls(device=dev, precision=resolve_precision(precision, dev))
         mode = _distributed_mode(distributed, place.world_size)
         dev = _rank_device(device, place.local_rank)
+        _tune_host(dev, tune_allocator)
         if mode == "deepspeed":  # a missing package is a config error before the process group starts
             from tuneforge.engine.deepspeed_zero import import_deepspeed
 
@@ -155,7 +165,8 @@ class Runtime:
     @classmethod
     def for_run(cls, train_cfg: Any) -> Runtime:
         """The runtime a run's ``train`` block asks for."""
-        return cls.create(train_cfg.device, train_cfg.precision, getattr(train_cfg, "distributed", "auto"))
+        return cls.create(train_cfg.device, train_cfg.precision, getattr(train_cfg, "distributed", "auto"),
+                          tune_allocator=train_cfg.tune_allocator)
 
     @classmethod
     def cpu(cls, precision: str = "fp32") -> Runtime:

@@ -1,0 +1,61 @@
+"""`engine.allocator`: glibc keeps a step's freed large buffers for the next step instead of faulting them in again."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from tuneforge.config import load_config
+from tuneforge.engine import runtime as runtime_mod
+from tuneforge.engine.runtime import Runtime
+
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+# One "step": a logits-sized buffer, its bf16 copy and a buffer twice its size, all freed at the end.
+STEP_FAULTS = """
+import resource, sys, torch
+if sys.argv[1] == "tuned":
+    from tuneforge.engine.allocator import tune_cpu_allocator
+    assert tune_cpu_allocator()
+def step():
+    a = torch.empty(1016, 4000).fill_(1.0)
+    b = a.to(torch.bfloat16)
+    c = torch.empty(2032, 4000).fill_(2.0)
+    del a, b, c
+for _ in range(3):
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_tuned_allocator_stops_refaulting_freed_buffers():
+    """20 steps fault ~4 pages per KB allocated under glibc's defaults (27,782 measured) and none once tuned."""
+    default, tuned = _faults("default"), _faults("tuned")
+    assert default > 10_000  # 20 steps x ~80 MB: the buffers come back from the kernel every step
+    assert tuned < default / 50
+
+
+def test_cpu_runtime_tunes_the_allocator_unless_told_not_to(monkeypatch):
+    calls: list[int] = []
+    monkeypatch.setattr(runtime_mod, "tune_cpu_allocator", lambda: calls.append(1) or True)
+    Runtime.create("cpu", "fp32")
+    assert calls == [1]
+    Runtime.create("cpu", "fp32", tune_allocator=False)
+    assert calls == [1]
+    run = load_config(None, ["task=classification", "train.device=cpu", "train.tune_allocator=false"])
+    Runtime.for_run(run.train)
+    assert calls == [1]
+    assert load_config(None, ["task=classification"]).train.tune_allocator is True
+
