@@ -22,7 +22,9 @@ Same work for every run (each a fresh subprocess):
 Runs: ``hf-default`` (Trainer defaults, fp32), ``hf-bf16`` (``bf16=True``), ``hf-bf16-alloc`` (the same
 in a process given tuneforge's malloc settings, `engine.allocator`: what part of the ratio is the allocator),
 ``tuneforge`` (its defaults: bf16 autocast where the CPU has it, ``train.tune_allocator``). Throughput = trained tokens / training-loop wall time (tuneforge:
-``train_seconds``; HF: ``train_runtime``), evaluation excluded.
+``train_seconds``; HF: ``train_runtime``), evaluation excluded. CPU utilisation = process CPU time / (wall x
+torch threads) over ``Trainer.fit`` (tuneforge, its final evaluation included) or ``Trainer.train`` (HF); a
+warning names runs below 85%.
 
     python benchmarks/bench_pretrain.py [--steps 150] [--seeds 0,1,2] [--runs hf-bf16,tuneforge]
 """
@@ -39,7 +41,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import peak_rss_mib
+from _common import cpu_clock, peak_rss_mib, warn_if_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "text" / "tinyshakespeare.txt"
@@ -98,15 +100,25 @@ def run_tuneforge(work: Path, a: argparse.Namespace, seed: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tuneforge.config import load_config
+    from tuneforge.engine.loop import Trainer
     from tuneforge.pipeline import train
 
     out = work / f"tf-{seed}"
+    fit, clock = Trainer.fit, {}
+
+    def fit_clocked(self):
+        with cpu_clock() as c:
+            result = fit(self)
+        clock.update(c)
+        return result
+
+    Trainer.fit = fit_clocked
     res = train(load_config(None, _overrides(work, out, a, seed)), quiet=True, overwrite=True)
     t = res.metrics["train"]
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     rows = _rows(AutoTokenizer.from_pretrained(out / "model"), work / "heldout.txt", a.block)
     return {"tokens": a.steps * a.batch_size * a.block, "seconds": t["train_seconds"], "precision": t["precision"],
-            "heldout_loss": res.metrics["splits"]["validation"]["loss"],
+            "cpu_util": clock["cpu_util"], "heldout_loss": res.metrics["splits"]["validation"]["loss"],
             "heldout_loss_script": heldout_loss(model, rows, t["precision"] == "bf16")}
 
 
@@ -126,9 +138,10 @@ def run_hf(work: Path, a: argparse.Namespace, seed: int, bf16: bool) -> dict:
                              learning_rate=1e-3, weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="linear",
                              warmup_steps=_warmup(a.steps), bf16=bf16, use_cpu=True, report_to=[], save_strategy="no",
                              logging_steps=10**6, seed=seed, dataloader_num_workers=0, disable_tqdm=True)
-    out = Trainer(model=model, args=args, train_dataset=data).train()
+    with cpu_clock() as clock:
+        out = Trainer(model=model, args=args, train_dataset=data).train()
     return {"tokens": a.steps * a.batch_size * a.block, "seconds": out.metrics["train_runtime"],
-            "precision": "bf16" if bf16 else "fp32",
+            "precision": "bf16" if bf16 else "fp32", "cpu_util": clock["cpu_util"],
             "heldout_loss": heldout_loss(model, _rows(tokenizer, work / "heldout.txt", a.block), bf16)}
 
 
@@ -193,13 +206,15 @@ def main() -> None:
                 r["tokens_per_s"] = r["tokens"] / r["seconds"]
                 results[name][seed] = r
                 print(f"{name:>10} seed {seed}: {r['tokens_per_s']:8.0f} tokens/s ({r['precision']}, {r['seconds']:.1f} s), "
-                      f"held-out loss {r['heldout_loss']:.4f}, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+                      f"held-out loss {r['heldout_loss']:.4f}, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+                      f"cpu util {100 * r['cpu_util']:.0f}%", flush=True)
     print("\nrun         tokens/s (mean)   held-out loss per seed            mean")
     for name in runs:
         rs = [results[name][s] for s in seeds]
         losses = [r["heldout_loss"] for r in rs]
         print(f"{name:>10}  {statistics.mean(r['tokens_per_s'] for r in rs):14.0f}   "
               f"{', '.join(f'{x:.4f}' for x in losses):32s}  {statistics.mean(losses):.4f}")
+    warn_if_shared({f"{n} seed {s}": results[n][s]["cpu_util"] for n in runs for s in seeds})
     if "tuneforge" in runs:
         tf = statistics.mean(results["tuneforge"][s]["tokens_per_s"] for s in seeds)
         for name in ("hf-default", "hf-bf16", "hf-bf16-alloc"):

@@ -15,7 +15,9 @@ Same work for every run, each in its own fresh subprocess:
   decay, clipping 1.0, linear schedule without warmup; ``--batch-size`` packed rows per step.
 
 Runs: ``trl-default`` (SFTConfig defaults apart from the settings above, so gradient checkpointing on, its
-default), ``trl-no-gc`` (``gradient_checkpointing=False``, the fastest TRL setting here) and ``tuneforge``.
+default), ``trl-no-gc`` (``gradient_checkpointing=False``, the fastest TRL setting here), ``trl-no-gc-alloc``
+(the same in a process given tuneforge's malloc settings, `engine.allocator`: what part of the ratio is the
+allocator) and ``tuneforge``.
 
 * **tokens/s**: tokens in the packed training rows / wall time of the training loop (TRL: ``on_train_begin``
   to ``on_train_end``; tuneforge: ``Trainer.fit`` minus its end-of-training evaluation and checkpoint).
@@ -41,7 +43,7 @@ from _common import peak_rss_mib
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
 RESULTS = ROOT / "benchmarks" / "results" / "sft.json"
-RUNS = ("trl-default", "trl-no-gc", "tuneforge")
+RUNS = ("trl-default", "trl-no-gc", "trl-no-gc-alloc", "tuneforge")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 
 
@@ -197,6 +199,10 @@ def main() -> None:
     p.add_argument("--base-loss", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.one:
+        if a.one == "trl-no-gc-alloc":
+            from tuneforge.engine.allocator import tune_cpu_allocator
+
+            tune_cpu_allocator()
         res = child_tuneforge(a) if a.one == "tuneforge" else child_trl(a, gc=a.one == "trl-default")
         print("RESULT " + json.dumps(res | {"peak_rss_mib": peak_rss_mib()}))
         return
@@ -225,7 +231,7 @@ def main() -> None:
                   f"{r['steps']} steps, {r['loop_s']:.0f} s), held-out loss {r['heldout_loss']:.4f}, peak RSS "
                   f"{r['peak_rss_mib']:.0f} MiB", flush=True)
     if "tuneforge" in results:
-        for name in ("trl-default", "trl-no-gc"):
+        for name in ("trl-default", "trl-no-gc", "trl-no-gc-alloc"):
             if name in results:
                 ratio = results["tuneforge"]["tokens_per_s"] / results[name]["tokens_per_s"]
                 dl = results["tuneforge"]["heldout_loss"] - results[name]["heldout_loss"]
