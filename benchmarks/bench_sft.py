@@ -21,6 +21,7 @@ allocator) and ``tuneforge``.
 
 * **tokens/s**: tokens in the packed training rows / wall time of the training loop (TRL: ``on_train_begin``
   to ``on_train_end``; tuneforge: ``Trainer.fit`` minus its end-of-training evaluation and checkpoint).
+* **cpu util**: process CPU time / (loop wall time x torch threads); a warning names runs below 85%.
 * **held-out loss**: mean NLL per response token on the held-out examples, computed for every run by the
   same code (tuneforge's `evaluate_lm` on the same rows), plus the base model's before training.
 
@@ -38,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import peak_rss_mib
+from _common import peak_rss_mib, warn_if_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
@@ -110,13 +111,13 @@ def child_trl(a: argparse.Namespace, gc: bool) -> dict:
     train_ds = load_dataset("json", data_files=str(a.work / "train_trl.jsonl"), split="train")
 
     class Clock(hf.TrainerCallback):
-        begin = end = 0.0
+        begin = end = cpu = 0.0
 
         def on_train_begin(self, *_, **__):
-            self.begin = time.perf_counter()
+            self.begin, self.cpu = time.perf_counter(), time.process_time()
 
         def on_train_end(self, *_, **__):
-            self.end = time.perf_counter()
+            self.end, self.cpu = time.perf_counter(), time.process_time() - self.cpu
 
     cfg = SFTConfig(output_dir=str(a.work / f"run-{a.one}"), per_device_train_batch_size=a.batch_size,
                     num_train_epochs=1, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0,
@@ -134,24 +135,28 @@ def child_trl(a: argparse.Namespace, gc: bool) -> dict:
     trainer.model.eval()
     out |= {"tokens": tokens, "rows": len(trainer.train_dataset), "steps": trainer.state.global_step,
             "loop_s": loop, "tokens_per_s": tokens / loop, "bf16": cfg.bf16, "gradient_checkpointing": gc,
+            "cpu_util": clock.cpu / (loop * torch.get_num_threads()),
             "heldout_loss": heldout_loss(trainer.model, tok, a)}
     return out
 
 
 def child_tuneforge(a: argparse.Namespace) -> dict:
+    import torch
+
     from tuneforge.config import load_config
     from tuneforge.engine.loop import Trainer
     from tuneforge.pipeline import train
 
-    spent = {"fit": 0.0, "eval_save": 0.0}
+    spent = {"fit": 0.0, "eval_save": 0.0, "fit_cpu": 0.0, "eval_save_cpu": 0.0}
 
     def timed(fn, key):
         def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 spent[key] += time.perf_counter() - t0
+                spent[key + "_cpu"] += time.process_time() - c0
         return wrapper
 
     rows: list[int] = []
@@ -168,6 +173,7 @@ def child_tuneforge(a: argparse.Namespace) -> dict:
     tokens = sum(rows)
     return {"tokens": tokens, "rows": len(rows), "steps": m["train"]["steps"], "loop_s": loop,
             "tokens_per_s": tokens / loop, "precision": m["train"]["precision"],
+            "cpu_util": (spent["fit_cpu"] - spent["eval_save_cpu"]) / (loop * torch.get_num_threads()),
             "heldout_loss": m["splits"]["validation"]["loss"]}
 
 
@@ -229,7 +235,8 @@ def main() -> None:
                 print(f"base model held-out response loss: {r['base_heldout_loss']:.4f}", flush=True)
             print(f"{name:>12}: {r['tokens_per_s']:7.0f} tokens/s ({r['tokens']} tokens in {r['rows']} rows, "
                   f"{r['steps']} steps, {r['loop_s']:.0f} s), held-out loss {r['heldout_loss']:.4f}, peak RSS "
-                  f"{r['peak_rss_mib']:.0f} MiB", flush=True)
+                  f"{r['peak_rss_mib']:.0f} MiB, cpu util {100 * r['cpu_util']:.0f}%", flush=True)
+    warn_if_shared({name: results[name]["cpu_util"] for name in runs})
     if "tuneforge" in results:
         for name in ("trl-default", "trl-no-gc", "trl-no-gc-alloc"):
             if name in results:

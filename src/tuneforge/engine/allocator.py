@@ -7,7 +7,7 @@ training step allocates and frees the same large buffers every step (logits, the
 softmax gradient, activation casts), so each step pays the kernel to zero and map those pages again: in a
 tiny GPT-2 step the ``fill_`` of a [1016, 4000] gradient took 11 ms for 16 MB, most of it page faults.
 Fixing the mmap threshold at glibc's maximum (32 MiB) and raising the trim threshold keeps those buffers
-in the heap, where the next step reuses them: 1.2-1.3x tokens/s on ``benchmarks/bench_pretrain.py``
+in the heap, where the next step reuses them: 1.3x tokens/s on ``benchmarks/bench_pretrain.py``
 (2 cores, the same gain for the HF Trainer when its process gets the same settings, see
 benchmarks/README.md). Intel's PyTorch CPU tuning guide recommends the same (or jemalloc/tcmalloc via
 ``LD_PRELOAD``, which a library cannot do for its own process once started).
