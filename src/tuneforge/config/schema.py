@@ -240,7 +240,7 @@ class TrainConfig(StrictModel):
         "bernoulli_; same dropout, keep probability rounded to 2^-16, a different random stream); false: torch's")
     tune_allocator: bool = Field(
         True, description="on CPU (Linux, glibc), keep freed large buffers in the heap for the next step instead "
-        "of returning them to the kernel and faulting them in again (mallopt; 1.3x on tiny-GPT-2 pretraining, ~1% "
+        "of returning them to the kernel and faulting them in again (mallopt; 1.3x on tiny-GPT-2 pretraining, 1-6% "
         "on MiniLM fine-tuning; process-wide, results unchanged); false: the C library's defaults")
     sparse_embeddings: bool = Field(
         False, description="update only the word-embedding rows a step looked up (lazy AdamW on a sparse gradient: "

@@ -27,7 +27,6 @@ from tuneforge.data.readers import Table, column_values, read_table, resolve_col
 from tuneforge.data.tokenize import tokenize_texts
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval.classification import classification_metrics
-from tuneforge.models.first_token import enable_first_token_last_layer
 from tuneforge.objectives.base import Built, TaskData, eval_batches
 from tuneforge.objectives.configs.classification import ClassificationConfig
 from tuneforge.track.atomic import atomic_write_json
@@ -85,7 +84,6 @@ class ClassificationObjective:
         self.run = run
         self.weights: torch.Tensor | None = None
         self.labels: list[str] = []
-        self._first_token_checked = False
 
     # ----------------------------------------------------------------- data
     def _examples(self, path: Path, label_ids: dict[str, int] | None) -> tuple[Examples, list[str]]:
@@ -179,15 +177,8 @@ class ClassificationObjective:
 
     # ----------------------------------------------------------------- training
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
-        """The model's output (``.logits`` [B, C]) on a batch; labels are not passed (the loss is ours).
-
-        On the first batch, BERT-style encoders switch their last layer to computing the first token only,
-        the one the head reads, once that is checked to give the same logits (`models.first_token`)."""
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        if not self._first_token_checked:
-            self._first_token_checked = True
-            enable_first_token_last_layer(model, inputs)
-        return model(**inputs)
+        """The model's output (``.logits`` [B, C]) on a batch; labels are not passed (the loss is ours)."""
+        return model(**{k: v for k, v in batch.items() if k != "labels"})
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = outputs.logits.float()
