@@ -23,7 +23,8 @@ Two parts, each run in a fresh subprocess (so peak RSS is each run's own):
   * ``tf-generate``:   ``tuneforge.generation.generate`` (what ``tuneforge generate`` calls) with
                        ``batch_size=--gen-batch``.
 
-  tokens/s = generated tokens (up to and including EOS) / wall time of the generation calls. Every run's
+  tokens/s = generated tokens (up to and including EOS) / wall time of the generation calls. Every run also
+  prints its cpu util (process CPU time / (wall time x torch threads)); a warning names runs below 85%. Every run's
   token ids are compared with ``hf-generate``'s; the script fails if tuneforge's differ (greedy equality).
 
     python benchmarks/bench_inference.py [--rows 0] [--prompts 32] [--max-new-tokens 48] [--only predict|generate]
@@ -39,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import peak_rss_mib
+from _common import peak_rss_mib, warn_if_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -93,9 +94,9 @@ def run_predict(name: str, a: argparse.Namespace) -> dict:
         run = load_run(a.run, [])
         objective, built, runtime, batch_size = _runtime(run, a.run)
         load_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         rows = objective.predict(built, texts, None, batch_size=batch_size, runtime=runtime)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         labels = [int(r["label"]) for r in rows]
     else:
         import torch
@@ -103,14 +104,22 @@ def run_predict(name: str, a: argparse.Namespace) -> dict:
 
         clf = pipeline("text-classification", model=str(a.run / "model"), device=torch.device("cpu"))
         kwargs = {"batch_size": a.hf_batch} if name == "hf-pipeline-b" else {}
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = clf(texts, truncation=True, **kwargs)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         label2id = clf.model.config.label2id
         labels = [int(label2id[o["label"]]) if o["label"] in label2id else int(o["label"]) for o in out]
     acc = sum(int(p == g) for p, g in zip(labels, gold, strict=True)) / len(gold)
     return {"texts": len(texts), "seconds": seconds, "texts_per_s": len(texts) / seconds, "accuracy": acc,
-            "load_seconds": load_seconds, "labels": labels, "peak_rss_mib": peak_rss_mib()}
+            "load_seconds": load_seconds, "labels": labels, "peak_rss_mib": peak_rss_mib(),
+            "cpu_util": _util(cpu, seconds)}
+
+
+def _util(cpu_seconds: float, seconds: float) -> float:
+    """Process CPU time / (wall time x torch threads) of a timed block."""
+    import torch
+
+    return cpu_seconds / (seconds * torch.get_num_threads())
 
 
 def _new_tokens(row: list[int], eos: set[int]) -> list[int]:
@@ -137,13 +146,14 @@ def run_generate(name: str, a: argparse.Namespace) -> dict:
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
     ids: list[list[int]] = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if name == "tf-generate":
         outs = generate(model, tok, prompts, GenerationOptions(max_new_tokens=a.max_new_tokens, batch_size=a.gen_batch),
                         chat=True)
         seconds = time.perf_counter() - t0
         # tuneforge returns text (special tokens skipped), compared below with the decoded ids of the HF runs
-        return {"prompts": len(prompts), "seconds": seconds, "texts": outs, "peak_rss_mib": peak_rss_mib()}
+        return {"prompts": len(prompts), "seconds": seconds, "texts": outs, "peak_rss_mib": peak_rss_mib(),
+                "cpu_util": _util(time.process_time() - c0, seconds)}
     step = 1 if name == "hf-generate" else a.gen_batch
     with torch.inference_mode():
         for s in range(0, len(texts), step):
@@ -153,7 +163,7 @@ def run_generate(name: str, a: argparse.Namespace) -> dict:
                                   pad_token_id=tok.pad_token_id)
             ids += [_new_tokens(r, eos) for r in seqs[:, enc["input_ids"].shape[1]:].tolist()]
     seconds = time.perf_counter() - t0
-    return {"prompts": len(prompts), "seconds": seconds, "ids": ids,
+    return {"prompts": len(prompts), "seconds": seconds, "ids": ids, "cpu_util": _util(time.process_time() - c0, seconds),
             "texts": [tok.decode(x, skip_special_tokens=True) for x in ids], "tokens": sum(len(x) for x in ids),
             "peak_rss_mib": peak_rss_mib()}
 
@@ -198,7 +208,8 @@ def main() -> None:
             results[name] = r = _child(name, a)
             load = f", +{r['load_seconds']:.2f} s loading the run" if r["load_seconds"] is not None else ""
             print(f"{name:>14}: {r['texts_per_s']:8.1f} texts/s ({r['seconds']:.2f} s{load}), accuracy "
-                  f"{100 * r['accuracy']:.2f}%, peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+                  f"{100 * r['accuracy']:.2f}%, peak RSS {r['peak_rss_mib']:.0f} MiB, cpu util "
+                  f"{100 * r['cpu_util']:.0f}%", flush=True)
         ref = results["tf-predict"]["labels"]
         for name in ("hf-pipeline", "hf-pipeline-b"):
             same = sum(int(x == y) for x, y in zip(results[name]["labels"], ref, strict=True))
@@ -217,11 +228,12 @@ def main() -> None:
             r["equal_outputs"] = equal
             print(f"{name:>14}: {r['tokens_per_s']:8.1f} tokens/s ({r['seconds']:.2f} s, {tokens} tokens), "
                   f"greedy output equal to hf-generate on {equal}/{len(ref['texts'])} prompts, "
-                  f"peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+                  f"peak RSS {r['peak_rss_mib']:.0f} MiB, cpu util {100 * r['cpu_util']:.0f}%", flush=True)
         for name in ("hf-generate", "hf-generate-b"):
             print(f"tf-generate / {name}: {results['tf-generate']['tokens_per_s'] / results[name]['tokens_per_s']:.2f}x")
         if results["tf-generate"]["equal_outputs"] != len(ref["texts"]):
             sys.exit("tf-generate's greedy outputs differ from model.generate's")
+    warn_if_shared({name: r["cpu_util"] for name, r in results.items()})
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     slim = {k: {f: v for f, v in r.items() if f not in ("labels", "ids", "texts")} for k, r in results.items()}
     RESULTS.write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "results": slim}, indent=2) + "\n")

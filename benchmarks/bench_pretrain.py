@@ -21,10 +21,10 @@ Same work for every run (each a fresh subprocess):
 
 Runs: ``hf-default`` (Trainer defaults, fp32), ``hf-bf16`` (``bf16=True``), ``hf-bf16-alloc`` (the same
 in a process given tuneforge's malloc settings, `engine.allocator`: what part of the ratio is the allocator),
-``tuneforge`` (its defaults: bf16 autocast where the CPU has it, ``train.tune_allocator``). Throughput = trained tokens / training-loop wall time (tuneforge:
-``train_seconds``; HF: ``train_runtime``), evaluation excluded. CPU utilisation = process CPU time / (wall x
-torch threads) over ``Trainer.fit`` (tuneforge, its final evaluation included) or ``Trainer.train`` (HF); a
-warning names runs below 85%.
+``tuneforge`` (its defaults: bf16 autocast where the CPU has it, ``train.tune_allocator``). Throughput =
+trained tokens / training-loop wall time (tuneforge: ``train_seconds``; HF: ``train_runtime``), evaluation
+excluded. CPU utilisation = process CPU time / (wall x torch threads) over ``Trainer.fit`` (tuneforge, its
+final evaluation included) or ``Trainer.train`` (HF); a warning names runs below 85%.
 
     python benchmarks/bench_pretrain.py [--steps 150] [--seeds 0,1,2] [--runs hf-bf16,tuneforge]
 """
