@@ -20,25 +20,30 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-@contextmanager
-def cpu_clock() -> Iterator[dict]:
-    """Yields a dict that gets ``wall_s``, ``cpu_s`` and ``cpu_util`` = process CPU time (every thread) /
-    (wall time x torch threads) of the block: near 1 when the block kept every core busy, lower when other
-    load shared the cores (or the block waited on something single-threaded)."""
+def cpu_util(cpu_s: float, wall_s: float) -> float:
+    """Process CPU time (every thread) / (wall time x torch threads): near 1 when a block kept every core busy,
+    lower when other load shared the cores (or the block waited on something single-threaded)."""
     import torch
 
+    return cpu_s / (wall_s * torch.get_num_threads())
+
+
+@contextmanager
+def cpu_clock() -> Iterator[dict]:
+    """Yields a dict that gets the block's ``wall_s``, ``cpu_s`` and `cpu_util`."""
     out: dict = {}
     w0, c0 = time.perf_counter(), time.process_time()
     try:
         yield out
     finally:
         out["wall_s"], out["cpu_s"] = time.perf_counter() - w0, time.process_time() - c0
-        out["cpu_util"] = out["cpu_s"] / (out["wall_s"] * torch.get_num_threads())
+        out["cpu_util"] = cpu_util(out["cpu_s"], out["wall_s"])
 
 
 def warn_if_shared(utils: dict[str, float], floor: float = 0.85) -> None:
     """Print a warning naming the runs whose CPU utilisation was below ``floor``."""
     low = {k: v for k, v in utils.items() if v < floor}
     if low:
-        print("WARNING: cpu util below " + f"{100 * floor:.0f}% in " + ", ".join(f"{k} ({100 * v:.0f}%)" for k, v in low.items())
-              + ": other load shared the cores, or the run waited on single-threaded work; timings may be off")
+        runs = ", ".join(f"{k} ({100 * v:.0f}%)" for k, v in low.items())
+        print(f"WARNING: cpu util below {100 * floor:.0f}% in {runs}: other load shared the cores, or the run "
+              "waited on single-threaded work; timings may be off")

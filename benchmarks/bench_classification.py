@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import peak_rss_mib
+from _common import cpu_util, peak_rss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2"
@@ -158,13 +158,12 @@ def child_hf(a: argparse.Namespace, tuned: bool, tune_allocator: bool = False) -
     return {
         "samples": samples, "steps": trainer.state.global_step, "loop_s": loop, "steps_s": clock.steps,
         "train_call_s": train_call, "samples_per_s": samples / loop, "step_only_samples_per_s": samples / clock.steps,
-        "cpu_util": clock.cpu / (loop * torch.get_num_threads()),
+        "cpu_util": cpu_util(clock.cpu, loop),
         "dev_accuracy": acc, "extra_args": extra, "optim": str(args.optim),
     }
 
 
 def child_tuneforge(a: argparse.Namespace, extra: list[str]) -> dict:
-    import torch
 
     from tuneforge.config import load_config
     from tuneforge.engine.loop import Trainer
@@ -200,7 +199,7 @@ def child_tuneforge(a: argparse.Namespace, extra: list[str]) -> dict:
         "samples_per_s": samples / loop, "step_only_samples_per_s": tr["train_samples_per_s"],
         "tokens_per_s": tr["train_tokens_per_s"], "precision": tr["precision"],
         "dev_accuracy": m["splits"]["validation"]["accuracy"], "eval_save_s": spent["eval_save"],
-        "cpu_util": (spent["fit_cpu"] - spent["eval_save_cpu"]) / (loop * torch.get_num_threads()),
+        "cpu_util": cpu_util(spent["fit_cpu"] - spent["eval_save_cpu"], loop),
     }
 
 

@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import peak_rss_mib, warn_if_shared
+from _common import cpu_util, peak_rss_mib, warn_if_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -112,14 +112,7 @@ def run_predict(name: str, a: argparse.Namespace) -> dict:
     acc = sum(int(p == g) for p, g in zip(labels, gold, strict=True)) / len(gold)
     return {"texts": len(texts), "seconds": seconds, "texts_per_s": len(texts) / seconds, "accuracy": acc,
             "load_seconds": load_seconds, "labels": labels, "peak_rss_mib": peak_rss_mib(),
-            "cpu_util": _util(cpu, seconds)}
-
-
-def _util(cpu_seconds: float, seconds: float) -> float:
-    """Process CPU time / (wall time x torch threads) of a timed block."""
-    import torch
-
-    return cpu_seconds / (seconds * torch.get_num_threads())
+            "cpu_util": cpu_util(cpu, seconds)}
 
 
 def _new_tokens(row: list[int], eos: set[int]) -> list[int]:
@@ -153,7 +146,7 @@ def run_generate(name: str, a: argparse.Namespace) -> dict:
         seconds = time.perf_counter() - t0
         # tuneforge returns text (special tokens skipped), compared below with the decoded ids of the HF runs
         return {"prompts": len(prompts), "seconds": seconds, "texts": outs, "peak_rss_mib": peak_rss_mib(),
-                "cpu_util": _util(time.process_time() - c0, seconds)}
+                "cpu_util": cpu_util(time.process_time() - c0, seconds)}
     step = 1 if name == "hf-generate" else a.gen_batch
     with torch.inference_mode():
         for s in range(0, len(texts), step):
@@ -163,7 +156,8 @@ def run_generate(name: str, a: argparse.Namespace) -> dict:
                                   pad_token_id=tok.pad_token_id)
             ids += [_new_tokens(r, eos) for r in seqs[:, enc["input_ids"].shape[1]:].tolist()]
     seconds = time.perf_counter() - t0
-    return {"prompts": len(prompts), "seconds": seconds, "ids": ids, "cpu_util": _util(time.process_time() - c0, seconds),
+    return {"prompts": len(prompts), "seconds": seconds, "ids": ids,
+            "cpu_util": cpu_util(time.process_time() - c0, seconds),
             "texts": [tok.decode(x, skip_special_tokens=True) for x in ids], "tokens": sum(len(x) for x in ids),
             "peak_rss_mib": peak_rss_mib()}
 

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import peak_rss_mib, warn_if_shared
+from _common import cpu_util, peak_rss_mib, warn_if_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
@@ -135,14 +135,12 @@ def child_trl(a: argparse.Namespace, gc: bool) -> dict:
     trainer.model.eval()
     out |= {"tokens": tokens, "rows": len(trainer.train_dataset), "steps": trainer.state.global_step,
             "loop_s": loop, "tokens_per_s": tokens / loop, "bf16": cfg.bf16, "gradient_checkpointing": gc,
-            "cpu_util": clock.cpu / (loop * torch.get_num_threads()),
+            "cpu_util": cpu_util(clock.cpu, loop),
             "heldout_loss": heldout_loss(trainer.model, tok, a)}
     return out
 
 
 def child_tuneforge(a: argparse.Namespace) -> dict:
-    import torch
-
     from tuneforge.config import load_config
     from tuneforge.engine.loop import Trainer
     from tuneforge.pipeline import train
@@ -173,7 +171,7 @@ def child_tuneforge(a: argparse.Namespace) -> dict:
     tokens = sum(rows)
     return {"tokens": tokens, "rows": len(rows), "steps": m["train"]["steps"], "loop_s": loop,
             "tokens_per_s": tokens / loop, "precision": m["train"]["precision"],
-            "cpu_util": (spent["fit_cpu"] - spent["eval_save_cpu"]) / (loop * torch.get_num_threads()),
+            "cpu_util": cpu_util(spent["fit_cpu"] - spent["eval_save_cpu"], loop),
             "heldout_loss": m["splits"]["validation"]["loss"]}
 
 
