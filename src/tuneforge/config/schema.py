@@ -246,6 +246,11 @@ class TrainConfig(StrictModel):
         False, description="update only the word-embedding rows a step looked up (lazy AdamW on a sparse gradient: "
         "faster when the vocabulary is large and batches are short; unused rows skip that step's weight decay "
         "and momentum, so results differ slightly from dense AdamW). Single process, adamw, untied embeddings")
+    chunked_cross_entropy: bool = Field(
+        True, description="language models with a frozen output layer (LoRA and other PEFT methods): compute the "
+        "output layer and the next-token loss together over chunks of rows, never holding the [tokens, vocab] "
+        "logits (same loss up to bf16 rounding; faster and far less memory with large vocabularies); false: "
+        "project, then cross-entropy")
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     schedule: Literal["linear", "cosine", "constant"] = "linear"

@@ -8,7 +8,9 @@ supervised tokens of a micro-batch; evaluation sums NLL and token counts over th
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,12 +23,14 @@ from tuneforge.data.batching import Batches
 from tuneforge.errors import ConfigError
 from tuneforge.eval.lm import IGNORE_INDEX, perplexity
 from tuneforge.objectives.base import Built, TokenLogits, eval_batches
+from tuneforge.objectives.chunked_ce import fusable_head, head_output_is_logits, per_token_nll_head
 
 if TYPE_CHECKING:
     from tuneforge.engine.runtime import Runtime
 
 __all__ = [
     "CausalLMObjective",
+    "TokenNLL",
     "check_decoder",
     "check_packed_attention",
     "evaluate_lm",
@@ -103,7 +107,24 @@ def check_packed_attention(model: nn.Module, name: str) -> None:
                           "position_ids; use task.packing=blocks or none", key="task.packing")
 
 
-def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenLogits:
+@dataclass
+class TokenNLL:
+    """`lm_forward`'s outputs when the output layer and the loss ran fused (`chunked_ce`): the per-token
+    ``nll`` [N] (fp32) of the ``targets`` [N]. ``logits`` [N, V] are computed from the kept output-layer
+    inputs only if something asks for them (distillation)."""
+
+    nll: torch.Tensor
+    targets: torch.Tensor
+    hidden: torch.Tensor
+    head: nn.Module
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.head(self.hidden)
+
+
+def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor], *,
+               fused_head: nn.Linear | None = None) -> TokenLogits | TokenNLL:
     """Next-token logits at the positions whose next token is supervised, with those tokens as targets.
 
     Packed rows carry ``position_ids`` and no attention mask, which is what makes transformers build a
@@ -114,6 +135,9 @@ def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenLogits:
     logits and the softmax are the largest per-token cost of a small LM with a big vocabulary (SmolLM2:
     576 x 49,152), and their values at unsupervised positions are never used. The result is the same
     number as projecting every position (a test checks loss and gradients).
+
+    With ``fused_head`` (the model's frozen output layer, `chunked_ce.fusable_head`), that layer returns the
+    per-token NLL straight away and no [N, V] logits are kept (`TokenNLL`).
     """
     inputs = {"input_ids": batch["input_ids"]}
     if "position_ids" in batch:
@@ -123,6 +147,12 @@ def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenLogits:
     labels = batch["labels"]
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
+    if fused_head is not None:
+        kept: list[torch.Tensor] = []
+        goal = targets[scored]
+        with supervised_positions_only(fused_head, scored, keep=kept), per_token_nll_head(fused_head, goal):
+            nll = model(**inputs, use_cache=False).logits
+        return TokenNLL(nll, goal, kept[0], fused_head)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     every = bool(scored.all())
     if head is not None and not every:
@@ -139,32 +169,38 @@ def lm_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenLogits:
     return TokenLogits(logits[scored], targets[scored])
 
 
-def token_nll(outputs: TokenLogits) -> tuple[torch.Tensor, torch.Tensor]:
+def token_nll(outputs: TokenLogits | TokenNLL) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of NLL, scored tokens) of `lm_forward`'s outputs."""
-    total = F.cross_entropy(outputs.logits.float(), outputs.targets, reduction="sum")
+    if isinstance(outputs, TokenNLL):
+        total = outputs.nll.sum()
+    else:
+        total = F.cross_entropy(outputs.logits.float(), outputs.targets, reduction="sum")
     return total, torch.tensor(outputs.targets.numel(), device=outputs.targets.device)
 
 
-def forward_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_nll(model: nn.Module, batch: dict[str, torch.Tensor], *,
+                fused_head: nn.Linear | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of next-token NLL, scored tokens) of one batch (see `lm_forward`)."""
-    return token_nll(lm_forward(model, batch))
+    return token_nll(lm_forward(model, batch, fused_head=fused_head))
 
 
 @contextmanager
-def supervised_positions_only(head: nn.Module, scored: torch.Tensor):
+def supervised_positions_only(head: nn.Module, scored: torch.Tensor, keep: list[torch.Tensor] | None = None):
     """While active, ``head`` (the output layer) sees only the hidden states that predict a scored token.
 
     ``scored`` is [B, T-1]: position ``t`` predicts token ``t + 1``. Virtual tokens that a method prepends
     (prompt tuning) come first in the hidden states and are skipped. The output is then [N, vocab] logits,
-    N = ``scored.sum()``, in the order of ``targets[scored]``.
+    N = ``scored.sum()``, in the order of ``targets[scored]``; ``keep`` (a list) receives those hidden states.
     """
 
     def pre_hook(_module: nn.Module, args: tuple) -> tuple:
         hidden = args[0]
         if hidden.dim() != 3:
             return args
-        hidden = hidden[:, hidden.shape[1] - scored.shape[1] - 1 : -1]
-        return (hidden[scored], *args[1:])
+        hidden = hidden[:, hidden.shape[1] - scored.shape[1] - 1 : -1][scored]
+        if keep is not None:
+            keep.append(hidden)
+        return (hidden, *args[1:])
 
     handle = head.register_forward_pre_hook(pre_hook)
     try:
@@ -179,11 +215,12 @@ def lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return total / count.clamp(min=1)
 
 
-def evaluate_lm(model: nn.Module, data: Batches, *, batch_size: int, runtime: Runtime) -> dict[str, Any]:
+def evaluate_lm(model: nn.Module, data: Batches, *, batch_size: int, runtime: Runtime,
+                fused_head: nn.Linear | None = None) -> dict[str, Any]:
     """Token-weighted ``loss`` (mean NLL), ``perplexity`` and the number of scored ``tokens``."""
     total, count = 0.0, 0
     for _, batch in eval_batches(model, data, batch_size, runtime):
-        nll, n = forward_nll(model, batch)
+        nll, n = forward_nll(model, batch, fused_head=fused_head)
         total, count = total + float(nll), count + int(n)
     if count == 0:
         raise ConfigError("the evaluation data has no tokens to score (all empty or cut off by data.max_length)")
@@ -204,20 +241,29 @@ class CausalLMObjective:
         self.run = run
         self.notes: list[str] = []
         self._packing_checked = False
+        self._fused: weakref.WeakKeyDictionary[nn.Module, nn.Linear | None] = weakref.WeakKeyDictionary()
 
-    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenLogits:
+    def fused_head(self, model: nn.Module) -> nn.Linear | None:
+        """``model``'s output layer when it runs fused with the loss (``train.chunked_cross_entropy``, a frozen
+        plain linear layer whose output the model returns unchanged), else None; decided once per model."""
+        if model not in self._fused:
+            head = fusable_head(model) if self.run.train.chunked_cross_entropy else None
+            self._fused[model] = head if head is not None and head_output_is_logits(model, head) else None
+        return self._fused[model]
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenLogits | TokenNLL:
         if "position_ids" in batch and not self._packing_checked:  # the model as the method wrapped it
             check_packed_attention(model, self.run.model.name)
             self._packing_checked = True
-        return lm_forward(model, batch)
+        return lm_forward(model, batch, fused_head=self.fused_head(model))
 
-    def loss(self, outputs: TokenLogits, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def loss(self, outputs: TokenLogits | TokenNLL, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean next-token NLL over the supervised tokens (0 when the batch has none)."""
         total, count = token_nll(outputs)
         return total / count.clamp(min=1)
 
     def evaluate(self, model: nn.Module, data: Batches, *, batch_size: int, runtime: Runtime) -> dict[str, Any]:
-        return evaluate_lm(model, data, batch_size=batch_size, runtime=runtime)
+        return evaluate_lm(model, data, batch_size=batch_size, runtime=runtime, fused_head=self.fused_head(model))
 
     def baseline_metrics(self, train: Any, records: Any) -> dict[str, float]:
         """None: a language model has no model-free reference number here."""
