@@ -20,18 +20,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["FastDropout", "fast_dropout", "use_fast_dropout"]
+__all__ = ["FastDropout", "fast_dropout", "keep_mask", "use_fast_dropout"]
 
 _LOW, _HIGH = -(2**63), 2**63 - 1  # random_(low, high): every bit of each int64 random
 
 
-def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Inverted dropout of ``x`` with drop probability ``p`` (0 < p < 1) from 16-bit integer draws."""
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The boolean keep mask (probability ``1 - p``) for ``x``'s shape, from 16-bit integer draws."""
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(_LOW, _HIGH)
     keep_below = round((1.0 - p) * 65536) - 32768  # int16 draws are uniform on [-32768, 32767]
-    mask = (bits.view(torch.int16)[:n].view(x.shape) < keep_below).to(x.dtype).mul_(1.0 / (1.0 - p))
-    return x * mask
+    return bits.view(torch.int16)[:n].view(x.shape) < keep_below
+
+
+def fast_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout of ``x`` with drop probability ``p`` (0 < p < 1) from 16-bit integer draws."""
+    return x * keep_mask(x, p).to(x.dtype).mul_(1.0 / (1.0 - p))
 
 
 class FastDropout(nn.Dropout):

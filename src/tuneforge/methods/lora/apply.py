@@ -32,6 +32,7 @@ from tuneforge.methods._peft import (
 )
 from tuneforge.methods.base import MethodContext, MethodRuntime, Reference
 from tuneforge.methods.lora.config import DEFAULT_TARGETS
+from tuneforge.methods.lora.fused import use_fused_lora
 from tuneforge.methods.saved import read_manifest
 
 __all__ = ["apply", "default_targets", "load", "merge", "peft_lora_config", "save"]
@@ -69,7 +70,10 @@ def peft_lora_config(model: nn.Module, cfg: Any, ctx: MethodContext) -> Any:
 def apply(model: nn.Module, run: RunConfig, ctx: MethodContext) -> nn.Module:
     qat = run.method.quantization_aware()
     if qat is None:
-        return wrap(model, peft_lora_config(model, run.method, ctx), ctx)
+        wrapped = wrap(model, peft_lora_config(model, run.method, ctx), ctx)
+        if run.method.fused:
+            use_fused_lora(wrapped)
+        return wrapped
     from tuneforge.methods.qat import lora as qat_lora  # torchao: only for method.qat
 
     heads = set(ctx.head_names)

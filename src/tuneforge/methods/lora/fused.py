@@ -1,0 +1,120 @@
+"""LoRA linear layers in one autograd node under CPU bf16 autocast: fewer passes over the activations.
+
+Why: peft computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` as separate ops. Under autocast on a
+CPU, each LoRA layer then casts its input to fp32 and back to bf16, builds an fp32 dropout mask, multiplies
+the [tokens, out] LoRA output by ``scaling`` and adds it to the base output, and the backward mirrors each
+of these. On SmolLM2-135M LoRA SFT (every linear layer adapted) those passes over [tokens, 576 | 1536]
+tensors were a quarter of the step (`benchmarks/README.md`): the machine streams them from memory.
+
+What (the same LoRA, Hu et al. 2021): with ``m`` the dropout keep mask (0/1), ``c = 1 / (1 - p)`` and ``s``
+the LoRA scaling,
+
+    z = (bf16(x) * m) @ A^T            (exact in bf16: m is 0 or 1)
+    y = bf16(x) @ W^T [+ b]  +  (c s z) @ B^T      (the second term added inside the matmul)
+
+so ``c`` and ``s`` scale the [tokens, r] tensor instead of [tokens, in] and [tokens, out] ones. The backward
+is written out (module `_FusedLora`); it needs the bf16 weight, the masked input and the mask. The mask is
+`engine.fast_dropout`'s (the same random draws for the same shape, so the same stream as peft with
+``train.fast_dropout``); numbers equal peft's up to bf16 rounding (`tests/unit/test_lora_fused.py`).
+
+When: CPU, bf16 autocast, one active vanilla LoRA adapter (no DoRA or other variant, no LoRA bias) on an
+``nn.Linear`` whose weights are frozen, dropout off or `FastDropout`. Anything else (GPU, fp32, merged,
+several adapters, ``train.fast_dropout: false``) runs peft's own forward unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuneforge.engine.fast_dropout import FastDropout, keep_mask
+
+__all__ = ["FusedLoraLinear", "use_fused_lora"]
+
+
+class _FusedLora(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
+                lora_b: torch.Tensor, scale: float, p: float, dtype: torch.dtype) -> torch.Tensor:
+        with torch.autocast("cpu", enabled=False):
+            xb = x.to(dtype)
+            w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
+            flat = xb.reshape(-1, xb.shape[-1])
+            mask = keep_mask(flat, p) if p > 0 else None
+            xm = flat if mask is None else flat * mask
+            z = xm @ a.t()  # [T, r]
+            zs = (z.float() * (scale / (1.0 - p))).to(dtype)
+            y = torch.mm(flat, w.t()) if bias is None else torch.addmm(bias.to(dtype), flat, w.t())
+            y.addmm_(zs, b.t())
+        ctx.save_for_backward(w, a, b, xm, zs, mask)
+        ctx.scale, ctx.p, ctx.x_dtype = scale, p, x.dtype
+        return y.view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        w, a, b, xm, zs, mask = ctx.saved_tensors
+        with torch.autocast("cpu", enabled=False):
+            g = grad_y.reshape(-1, grad_y.shape[-1]).to(w.dtype)
+            grad_b = (g.t() @ zs).float() if ctx.needs_input_grad[4] else None
+            gz = ((g @ b).float() * (ctx.scale / (1.0 - ctx.p))).to(w.dtype)  # d loss / d z, [T, r]
+            grad_a = (gz.t() @ xm).float() if ctx.needs_input_grad[3] else None
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                grad_x = gz @ a
+                if mask is not None:
+                    grad_x.mul_(mask)
+                grad_x = grad_x.addmm_(g, w).view(*grad_y.shape[:-1], w.shape[1]).to(ctx.x_dtype)
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+class FusedLoraLinear:
+    """Mixed into peft's ``lora.Linear`` by `use_fused_lora`: `_FusedLora` when it applies, else peft's forward."""
+
+    def _fused_parts(self, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[Any, ...] | None:
+        if (args or kwargs or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
+                or self.disable_adapters or self.merged or len(self.active_adapters) != 1):
+            return None
+        name = self.active_adapters[0]
+        base = self.base_layer
+        if name not in self.lora_A or name in self.lora_variant or type(base) is not nn.Linear:
+            return None
+        if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return None
+        lora_a, lora_b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        if lora_a.bias is not None or lora_b.bias is not None:
+            return None
+        if type(dropout) is nn.Identity or not dropout.training or dropout.p == 0:
+            p = 0.0
+        elif type(dropout) is FastDropout and 0 < dropout.p < 1:
+            p = float(dropout.p)
+        else:
+            return None
+        return base, lora_a.weight, lora_b.weight, float(self.scaling[name]), p
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        parts = self._fused_parts(x, args, kwargs)
+        if parts is None:
+            return super().forward(x, *args, **kwargs)
+        base, a, b, scale, p = parts
+        return _FusedLora.apply(x, base.weight, base.bias, a, b, scale, p, torch.get_autocast_dtype("cpu"))
+
+
+@functools.cache
+def _fused_class() -> type:
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    return type("Linear", (FusedLoraLinear, LoraLinear), {"__module__": __name__})
+
+
+def use_fused_lora(model: nn.Module) -> int:
+    """Give every peft ``lora.Linear`` of ``model`` the fused forward (in place, no new weights); returns how many."""
+    fused = _fused_class()
+    n = 0
+    for module in model.modules():
+        if type(module) is fused.__mro__[2]:  # exactly peft's lora.Linear (not a subclass such as QAT's)
+            module.__class__ = fused
+            n += 1
+    return n
