@@ -119,3 +119,41 @@ def test_dora_and_state_dicts_are_untouched() -> None:
     plain, swapped = _pair(0.1)
     use_fused_lora(swapped)
     assert list(swapped.state_dict()) == list(plain.state_dict())
+
+
+def test_layers_reading_the_same_input_share_its_cast_until_it_changes() -> None:
+    from tuneforge.methods.lora.fused import _LAST_CAST
+
+    x = torch.randn(4, 6)
+    first = _LAST_CAST.get(x, torch.bfloat16)
+    assert _LAST_CAST.get(x, torch.bfloat16) is first  # the second reader of x: no new cast
+    assert _LAST_CAST.get(x.clone(), torch.bfloat16) is not first  # another tensor
+    x.mul_(2)  # modified in place: cast again
+    assert torch.equal(_LAST_CAST.get(x, torch.bfloat16), (x).to(torch.bfloat16))
+    bf = x.to(torch.bfloat16)
+    assert _LAST_CAST.get(bf, torch.bfloat16) is bf
+
+    class QK(nn.Module):  # two adapted layers on one input, as q_proj and k_proj
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = nn.Linear(24, 8), nn.Linear(24, 8)
+
+        def forward(self, x):
+            return self.q(x) * self.k(x)
+
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = peft.get_peft_model(QK(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q", "k"]))
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.data.normal_(0, 0.5)
+        models.append(m)
+    use_fused_lora(models[1])
+    xin = torch.randn(3, 5, 24)
+    y_ref, gx_ref, g_ref = _run(models[0], xin)
+    y, gx, g = _run(models[1], xin)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1.5e-2 * float(y_ref.abs().max()))
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=1.5e-2 * float(gx_ref.abs().max()))
+    for n, ref in g_ref.items():
+        torch.testing.assert_close(g[n], ref, rtol=0, atol=1.5e-2 * float(ref.abs().max()), msg=n)

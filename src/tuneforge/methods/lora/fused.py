@@ -25,6 +25,8 @@ several adapters, ``train.fast_dropout: false``) runs peft's own forward unchang
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
 from typing import Any
 
 import torch
@@ -35,12 +37,34 @@ from tuneforge.engine.fast_dropout import FastDropout, keep_mask
 __all__ = ["FusedLoraLinear", "use_fused_lora"]
 
 
+class _LastCast(threading.local):
+    """The bf16 copy of the last input cast (per thread): q/k/v and gate/up read the same hidden states, so
+    the first of them casts and the others reuse it (valid while it is the same tensor, unmodified)."""
+
+    source: weakref.ref | None = None
+    version = -1
+    value: torch.Tensor | None = None
+
+    def get(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if x.dtype == dtype:
+            return x
+        value = self.value
+        if (self.source is None or self.source() is not x or self.version != x._version
+                or value is None or value.dtype != dtype):
+            value = x.detach().to(dtype)
+            self.source, self.version, self.value = weakref.ref(x), x._version, value
+        return value
+
+
+_LAST_CAST = _LastCast()
+
+
 class _FusedLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
                 lora_b: torch.Tensor, scale: float, p: float, dtype: torch.dtype) -> torch.Tensor:
         with torch.autocast("cpu", enabled=False):
-            xb = x.to(dtype)
+            xb = _LAST_CAST.get(x, dtype)
             w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
             flat = xb.reshape(-1, xb.shape[-1])
             mask = keep_mask(flat, p) if p > 0 else None
