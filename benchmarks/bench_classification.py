@@ -12,6 +12,7 @@ Each run is a fresh subprocess that reports its own peak RSS and timings as JSON
 * ``tuneforge``:  ``tuneforge.pipeline.train`` at its defaults (precision auto, group_by_length on,
   fast_dropout on, tune_allocator on).
 * ``tuneforge-sparse``: the same plus ``train.sparse_embeddings=true`` (row-sparse word-embedding updates).
+* ``tuneforge-compile``: the same plus ``train.compile=blocks`` (regional torch.compile; the time includes compiling).
 
 Headline throughput = training samples / wall time of the training loop (every batch's data loading /
 collation, forward, backward, clipping, optimizer and scheduler step, per-step bookkeeping; not model
@@ -39,8 +40,9 @@ from _common import cpu_util, peak_rss_mib
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2"
 RESULTS = ROOT / "benchmarks" / "results" / "classification.json"
-RUNS = ("hf-default", "hf-tuned", "hf-tuned-alloc", "tuneforge", "tuneforge-sparse")
-TUNEFORGE_EXTRA = {"tuneforge": [], "tuneforge-sparse": ["train.sparse_embeddings=true"]}
+RUNS = ("hf-default", "hf-tuned", "hf-tuned-alloc", "tuneforge", "tuneforge-sparse", "tuneforge-compile")
+TUNEFORGE_EXTRA = {"tuneforge": [], "tuneforge-sparse": ["train.sparse_embeddings=true"],
+                   "tuneforge-compile": ["train.compile=blocks"]}
 LR, WD, CLIP, MAX_LEN, WARMUP_RATIO = 5e-5, 0.01, 1.0, 128, 0.06
 
 

@@ -21,7 +21,8 @@ Same work for every run (each a fresh subprocess):
 
 Runs: ``hf-default`` (Trainer defaults, fp32), ``hf-bf16`` (``bf16=True``), ``hf-bf16-alloc`` (the same
 in a process given tuneforge's malloc settings, `engine.allocator`: what part of the ratio is the allocator),
-``tuneforge`` (its defaults: bf16 autocast where the CPU has it, ``train.tune_allocator``). Throughput =
+``tuneforge`` (its defaults: bf16 autocast where the CPU has it, ``train.tune_allocator``) and
+``tuneforge-compile`` (the same with ``train.compile=blocks``; its time includes the compile). Throughput =
 trained tokens / training-loop wall time (tuneforge: ``train_seconds``; HF: ``train_runtime``), evaluation
 excluded. CPU utilisation = process CPU time / (wall x torch threads) over ``Trainer.fit`` (tuneforge, its
 final evaluation included) or ``Trainer.train`` (HF); a warning names runs below 85%.
@@ -46,7 +47,8 @@ from _common import cpu_clock, peak_rss_mib, warn_if_shared
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "text" / "tinyshakespeare.txt"
 RESULTS = ROOT / "benchmarks" / "results" / "pretrain.json"
-RUNS = ("hf-default", "hf-bf16", "hf-bf16-alloc", "tuneforge")
+RUNS = ("hf-default", "hf-bf16", "hf-bf16-alloc", "tuneforge", "tuneforge-compile")
+TUNEFORGE_EXTRA = {"tuneforge": [], "tuneforge-compile": ["train.compile=blocks"]}  # regional torch.compile
 
 
 def _warmup(steps: int) -> int:
@@ -96,14 +98,14 @@ def heldout_loss(model, rows: list[list[int]], bf16: bool, batch_size: int = 16)
     return total / count
 
 
-def run_tuneforge(work: Path, a: argparse.Namespace, seed: int) -> dict:
+def run_tuneforge(work: Path, a: argparse.Namespace, seed: int, name: str = "tuneforge") -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tuneforge.config import load_config
     from tuneforge.engine.loop import Trainer
     from tuneforge.pipeline import train
 
-    out = work / f"tf-{seed}"
+    out = work / f"{name}-{seed}"
     fit, clock = Trainer.fit, {}
 
     def fit_clocked(self):
@@ -113,7 +115,7 @@ def run_tuneforge(work: Path, a: argparse.Namespace, seed: int) -> dict:
         return result
 
     Trainer.fit = fit_clocked
-    res = train(load_config(None, _overrides(work, out, a, seed)), quiet=True, overwrite=True)
+    res = train(load_config(None, [*_overrides(work, out, a, seed), *TUNEFORGE_EXTRA[name]]), quiet=True, overwrite=True)
     t = res.metrics["train"]
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     rows = _rows(AutoTokenizer.from_pretrained(out / "model"), work / "heldout.txt", a.block)
@@ -179,7 +181,7 @@ def main() -> None:
             from tuneforge.engine.allocator import tune_cpu_allocator
 
             tune_cpu_allocator()
-        res = (run_tuneforge(a.work, a, a.seed) if a.one == "tuneforge"
+        res = (run_tuneforge(a.work, a, a.seed, a.one) if a.one in TUNEFORGE_EXTRA
                else run_hf(a.work, a, a.seed, a.one.startswith("hf-bf16")))
         print("RESULT " + json.dumps(res | {"peak_rss_mib": peak_rss_mib()}))
         return
@@ -215,11 +217,11 @@ def main() -> None:
         print(f"{name:>10}  {statistics.mean(r['tokens_per_s'] for r in rs):14.0f}   "
               f"{', '.join(f'{x:.4f}' for x in losses):32s}  {statistics.mean(losses):.4f}")
     warn_if_shared({f"{n} seed {s}": results[n][s]["cpu_util"] for n in runs for s in seeds})
-    if "tuneforge" in runs:
-        tf = statistics.mean(results["tuneforge"][s]["tokens_per_s"] for s in seeds)
+    for ours in (r for r in runs if r in TUNEFORGE_EXTRA):
+        tf = statistics.mean(results[ours][s]["tokens_per_s"] for s in seeds)
         for name in ("hf-default", "hf-bf16", "hf-bf16-alloc"):
             if name in runs:
-                print(f"tuneforge / {name}: {tf / statistics.mean(results[name][s]['tokens_per_s'] for s in seeds):.2f}x")
+                print(f"{ours} / {name}: {tf / statistics.mean(results[name][s]['tokens_per_s'] for s in seeds):.2f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"args": vars(a) | {"work": None}, "results": results}, indent=2, default=str) + "\n")
 

@@ -246,6 +246,10 @@ class TrainConfig(StrictModel):
         False, description="update only the word-embedding rows a step looked up (lazy AdamW on a sparse gradient: "
         "faster when the vocabulary is large and batches are short; unused rows skip that step's weight decay "
         "and momentum, so results differ slightly from dense AdamW). Single process, adamw, untied embeddings")
+    compile: Literal["off", "blocks", "model"] = Field(
+        "off", description="torch.compile: blocks = each repeated transformer block (regional: one compiled graph for "
+        "all), model = the whole model; the first steps pay the compile (about a minute per input shape on 2 CPU "
+        "cores). Measured, not a default (benchmarks/README.md). Single process or DDP")
     chunked_cross_entropy: bool = Field(
         True, description="language models with a frozen output layer (LoRA and other PEFT methods): compute the "
         "output layer and the next-token loss together over chunks of rows, never holding the [tokens, vocab] "
@@ -321,6 +325,19 @@ class TrainConfig(StrictModel):
         elif self.tensorboard and "tensorboard" not in names:
             names.insert(0, "tensorboard")
         return names
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, v: Any) -> Any:
+        """YAML reads ``off`` as false and ``on`` as true: false/null is ``off``, true is ``blocks``."""
+        return {False: "off", None: "off", True: "blocks"}.get(v, v) if isinstance(v, bool) or v is None else v
+
+    @model_validator(mode="after")
+    def _compile_fits(self) -> TrainConfig:
+        if self.compile != "off" and self.distributed in ("fsdp", "deepspeed"):
+            raise ValueError(f"train.compile={self.compile} runs single-process or under DDP; with "
+                             f"train.distributed={self.distributed} set train.compile=off")
+        return self
 
     @field_validator("device")
     @classmethod

@@ -126,6 +126,10 @@ class LoopBase:
             from tuneforge.engine.fast_dropout import use_fast_dropout
 
             use_fast_dropout(self.module)
+        if ctx.cfg.compile != "off":  # after the module swaps above, so the compiled code sees them
+            from tuneforge.engine.compile import apply_compile
+
+            apply_compile(self.model, ctx.cfg.compile)
         self.optimizer = build_optimizer(ctx.groups, ctx.cfg)
         self.scheduler = build_scheduler(self.optimizer, ctx.cfg, self.total_steps)
         self.params = [p for g in ctx.groups for p in g["params"]]
