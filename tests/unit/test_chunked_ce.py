@@ -51,6 +51,14 @@ def test_linear_nll_matches_projection_then_cross_entropy(monkeypatch, autocast:
         torch.testing.assert_close(linear_nll(hidden, weight, b, targets), nll.detach())
 
 
+def test_linear_nll_of_no_rows_is_empty_and_differentiable() -> None:
+    h = torch.randn(0, 4, requires_grad=True)
+    nll = linear_nll(h, torch.randn(10, 4), None, torch.zeros(0, dtype=torch.long))
+    assert nll.shape == (0,)
+    nll.sum().backward()
+    assert h.grad.shape == (0, 4)
+
+
 def test_linear_nll_refuses_a_trainable_layer() -> None:
     w = torch.randn(10, 4, requires_grad=True)
     with pytest.raises(ValueError, match="frozen"):

@@ -132,6 +132,9 @@ def test_layers_reading_the_same_input_share_its_cast_until_it_changes() -> None
     assert torch.equal(_LAST_CAST.get(x, torch.bfloat16), (x).to(torch.bfloat16))
     bf = x.to(torch.bfloat16)
     assert _LAST_CAST.get(bf, torch.bfloat16) is bf
+    with torch.inference_mode():  # inference tensors have no version counter: cast, do not cache
+        xi = torch.randn(4, 6)
+        assert torch.equal(_LAST_CAST.get(xi, torch.bfloat16), xi.to(torch.bfloat16))
 
     class QK(nn.Module):  # two adapted layers on one input, as q_proj and k_proj
         def __init__(self):

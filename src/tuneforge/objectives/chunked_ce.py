@@ -54,7 +54,7 @@ class _LinearNLL(torch.autograd.Function):
             n = h.shape[0]
             nll = torch.empty(n, dtype=torch.float32, device=device)
             grad = torch.empty(n, h.shape[1], dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
-            step = min(n, chunk_rows(w.shape[0], device))
+            step = max(1, min(n, chunk_rows(w.shape[0], device)))  # n = 0: a batch with nothing to score
             # two [chunk, V] buffers for the whole call: fresh ones per chunk cost page faults on a CPU
             logits_buf = torch.empty(step, w.shape[0], dtype=dtype, device=device)
             probs_buf = torch.empty(step, w.shape[0], dtype=torch.float32, device=device)

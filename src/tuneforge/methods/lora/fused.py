@@ -48,6 +48,8 @@ class _LastCast(threading.local):
     def get(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if x.dtype == dtype:
             return x
+        if x.is_inference():  # no version counter to tell an in-place change: cast every time
+            return x.to(dtype)
         value = self.value
         if (self.source is None or self.source() is not x or self.version != x._version
                 or value is None or value.dtype != dtype):
