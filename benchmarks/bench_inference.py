@@ -40,7 +40,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import cpu_util, peak_rss_mib, warn_if_shared
+from _common import cpu_clock, peak_rss_mib, warn_if_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -94,9 +94,8 @@ def run_predict(name: str, a: argparse.Namespace) -> dict:
         run = load_run(a.run, [])
         objective, built, runtime, batch_size = _runtime(run, a.run)
         load_seconds = time.perf_counter() - t0
-        t0, c0 = time.perf_counter(), time.process_time()
-        rows = objective.predict(built, texts, None, batch_size=batch_size, runtime=runtime)
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        with cpu_clock() as clock:
+            rows = objective.predict(built, texts, None, batch_size=batch_size, runtime=runtime)
         labels = [int(r["label"]) for r in rows]
     else:
         import torch
@@ -104,15 +103,15 @@ def run_predict(name: str, a: argparse.Namespace) -> dict:
 
         clf = pipeline("text-classification", model=str(a.run / "model"), device=torch.device("cpu"))
         kwargs = {"batch_size": a.hf_batch} if name == "hf-pipeline-b" else {}
-        t0, c0 = time.perf_counter(), time.process_time()
-        out = clf(texts, truncation=True, **kwargs)
-        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        with cpu_clock() as clock:
+            out = clf(texts, truncation=True, **kwargs)
         label2id = clf.model.config.label2id
         labels = [int(label2id[o["label"]]) if o["label"] in label2id else int(o["label"]) for o in out]
     acc = sum(int(p == g) for p, g in zip(labels, gold, strict=True)) / len(gold)
+    seconds = clock["wall_s"]
     return {"texts": len(texts), "seconds": seconds, "texts_per_s": len(texts) / seconds, "accuracy": acc,
             "load_seconds": load_seconds, "labels": labels, "peak_rss_mib": peak_rss_mib(),
-            "cpu_util": cpu_util(cpu, seconds)}
+            "cpu_util": clock["cpu_util"]}
 
 
 def _new_tokens(row: list[int], eos: set[int]) -> list[int]:
@@ -139,25 +138,22 @@ def run_generate(name: str, a: argparse.Namespace) -> dict:
     texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
              for p in prompts]
     ids: list[list[int]] = []
-    t0, c0 = time.perf_counter(), time.process_time()
     if name == "tf-generate":
-        outs = generate(model, tok, prompts, GenerationOptions(max_new_tokens=a.max_new_tokens, batch_size=a.gen_batch),
-                        chat=True)
-        seconds = time.perf_counter() - t0
+        with cpu_clock() as clock:
+            outs = generate(model, tok, prompts,
+                            GenerationOptions(max_new_tokens=a.max_new_tokens, batch_size=a.gen_batch), chat=True)
         # tuneforge returns text (special tokens skipped), compared below with the decoded ids of the HF runs
-        return {"prompts": len(prompts), "seconds": seconds, "texts": outs, "peak_rss_mib": peak_rss_mib(),
-                "cpu_util": cpu_util(time.process_time() - c0, seconds)}
+        return {"prompts": len(prompts), "seconds": clock["wall_s"], "texts": outs, "peak_rss_mib": peak_rss_mib(),
+                "cpu_util": clock["cpu_util"]}
     step = 1 if name == "hf-generate" else a.gen_batch
-    with torch.inference_mode():
+    with cpu_clock() as clock, torch.inference_mode():
         for s in range(0, len(texts), step):
             enc = tok(texts[s : s + step], return_tensors="pt", padding=True, padding_side="left",
                       add_special_tokens=False)
             seqs = model.generate(**enc, max_new_tokens=a.max_new_tokens, do_sample=False,
                                   pad_token_id=tok.pad_token_id)
             ids += [_new_tokens(r, eos) for r in seqs[:, enc["input_ids"].shape[1]:].tolist()]
-    seconds = time.perf_counter() - t0
-    return {"prompts": len(prompts), "seconds": seconds, "ids": ids,
-            "cpu_util": cpu_util(time.process_time() - c0, seconds),
+    return {"prompts": len(prompts), "seconds": clock["wall_s"], "ids": ids, "cpu_util": clock["cpu_util"],
             "texts": [tok.decode(x, skip_special_tokens=True) for x in ids], "tokens": sum(len(x) for x in ids),
             "peak_rss_mib": peak_rss_mib()}
 

@@ -110,10 +110,8 @@ def test_fused_lora_steps_aside_where_it_does_not_apply(monkeypatch) -> None:
 
 
 def test_dora_and_state_dicts_are_untouched() -> None:
-    _, dora = _pair(0.0, use_dora=True)
-    assert use_fused_lora(dora) == 2  # the class is swapped, but DoRA is a peft variant: its forward runs
     ref, fused = _pair(0.0, use_dora=True)
-    use_fused_lora(fused)
+    assert use_fused_lora(fused) == 2  # the class is swapped, but DoRA is a peft variant: peft's forward runs
     x = torch.randn(2, 5, 24)
     torch.testing.assert_close(_run(fused, x)[0], _run(ref, x)[0])
     plain, swapped = _pair(0.1)

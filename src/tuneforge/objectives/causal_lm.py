@@ -11,6 +11,7 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,8 +119,8 @@ class TokenNLL:
     hidden: torch.Tensor
     head: nn.Module
 
-    @property
-    def logits(self) -> torch.Tensor:
+    @cached_property
+    def logits(self) -> torch.Tensor:  # once per batch however often it is read (distillation reads it twice)
         return self.head(self.hidden)
 
 

@@ -129,18 +129,18 @@ class FusedLoraLinear:
 
 
 @functools.cache
-def _fused_class() -> type:
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    return type("Linear", (FusedLoraLinear, LoraLinear), {"__module__": __name__})
+def _fused_class(lora_linear: type) -> type:
+    return type("Linear", (FusedLoraLinear, lora_linear), {"__module__": __name__})
 
 
 def use_fused_lora(model: nn.Module) -> int:
     """Give every peft ``lora.Linear`` of ``model`` the fused forward (in place, no new weights); returns how many."""
-    fused = _fused_class()
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    fused = _fused_class(LoraLinear)
     n = 0
     for module in model.modules():
-        if type(module) is fused.__mro__[2]:  # exactly peft's lora.Linear (not a subclass such as QAT's)
+        if type(module) is LoraLinear:  # exactly peft's lora.Linear (not a subclass such as QAT's)
             module.__class__ = fused
             n += 1
     return n
