@@ -25,26 +25,31 @@ def step():
     b = a.to(torch.bfloat16)
     c = torch.empty(2032, 4000).fill_(2.0)
     del a, b, c
-for _ in range(3):
+faults = []
+for _ in range(30):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    step()
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(*faults)
 """
 
 
-def _faults(mode: str) -> int:
+def _faults(mode: str) -> list[int]:
+    """Minor page faults of each of 30 steps in a fresh process."""
     out = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1])
+    return [int(x) for x in out.stdout.split()]
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
 def test_tuned_allocator_stops_refaulting_freed_buffers():
-    """20 steps fault ~4 pages per KB allocated under glibc's defaults (27,782 measured) and none once tuned."""
+    """Per step, measured here: glibc's defaults fault the buffers in again for the first ~8 steps (its
+    dynamic mmap threshold rises only as mmapped chunks are freed; 47,700-63,600 faults in all) before they
+    settle; tuned, the heap grows over the first 2-3 steps (21,900-25,900) and never faults again. In CI one
+    extra heap growth of one buffer (~7,900) was seen, hence the margins."""
     default, tuned = _faults("default"), _faults("tuned")
-    assert default > 10_000  # 20 steps x ~80 MB: the buffers come back from the kernel every step
-    assert tuned < default / 50
+    assert sum(default[1:8]) > 20_000, default  # steps 2-8: freed buffers come back from the kernel
+    assert sum(tuned) < 0.8 * sum(default), (tuned, default)
+    assert sum(tuned[-15:]) == 0, tuned  # once grown, the heap keeps every buffer
 
 
 def test_cpu_runtime_tunes_the_allocator_unless_told_not_to(monkeypatch):
