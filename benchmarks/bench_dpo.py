@@ -11,11 +11,12 @@ precomputed once by both (TRL: ``precompute_ref_log_probs=True``; tuneforge: its
 Each run is a fresh subprocess that prints JSON: ``pairs_per_s`` = training pairs / wall time of the training
 call (TRL: ``trainer.train()``, which includes its reference pass; tuneforge: the loop, plus the reference pass
 timed separately and added, so the two numbers cover the same work), and ``heldout_loss``, the sigmoid DPO loss
-on the held-out pairs from each tool's own evaluation. The ratio tuneforge / TRL is printed per seed and on
-average.
+on the held-out pairs from each tool's own evaluation, and the process's peak RSS. The ratio tuneforge / TRL is
+printed per seed and on average.
 
     python benchmarks/bench_dpo.py [--pairs 48] [--eval-pairs 16] [--steps 6] [--batch-size 4] [--max-length 160]
-                                   [--seeds 0 1 2] [--model smollm2-135m]
+                                   [--seeds 0 1 2] [--model smollm2-135m] [--tools trl,tuneforge]
+                                   [--tuneforge-override train.chunked_cross_entropy=false ...]
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import peak_rss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "preference" / "dpo_en_demo.json"
@@ -93,7 +96,7 @@ def run_tuneforge(a: argparse.Namespace) -> dict:
         f"train.lr={LR}", f"train.weight_decay={WD}", f"train.max_grad_norm={CLIP}", "train.schedule=constant",
         "train.warmup_steps=0", f"train.seed={a.seed}", f"train.eval_steps={a.steps}", "train.tensorboard=false",
         "train.group_by_length=false", "extensions=[{name: samples, enabled: false}]",
-        f"output_dir={a.work / 'tuneforge'}"])
+        f"output_dir={a.work / 'tuneforge'}", *a.tuneforge_override])
     res = train(run, overwrite=True, quiet=True)
     m = res.metrics
     # the reference pass over the eval split is evaluation work: count only the training split's share
@@ -102,7 +105,8 @@ def run_tuneforge(a: argparse.Namespace) -> dict:
     pairs = a.steps * a.batch_size
     seconds = m["train"]["train_seconds"] + ref_train
     return {"tool": "tuneforge", "pairs_per_s": pairs / seconds, "train_seconds": seconds,
-            "heldout_loss": m["splits"]["validation"]["loss"], "precision": m["train"]["precision"]}
+            "heldout_loss": m["splits"]["validation"]["loss"], "precision": m["train"]["precision"],
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def run_trl(a: argparse.Namespace) -> dict:
@@ -139,7 +143,7 @@ def run_trl(a: argparse.Namespace) -> dict:
     seconds = time.perf_counter() - t0
     loss = trainer.evaluate()["eval_loss"]
     return {"tool": "trl", "pairs_per_s": n_train / seconds, "train_seconds": seconds, "heldout_loss": loss,
-            "precision": "bf16" if bf16 else "fp32"}
+            "precision": "bf16" if bf16 else "fp32", "peak_rss_mib": peak_rss_mib()}
 
 
 def _child(a: argparse.Namespace) -> None:
@@ -156,6 +160,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=160)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--tools", default="trl,tuneforge", help="comma-separated: trl, tuneforge")
+    p.add_argument("--tuneforge-override", action="append", default=[], metavar="K=V",
+                   help="extra tuneforge config overrides (repeatable)")
     p.add_argument("--child", choices=["tuneforge", "trl"], help=argparse.SUPPRESS)
     for name in ("train", "eval", "trl", "work"):
         p.add_argument(f"--{name}", type=Path, help=argparse.SUPPRESS)
@@ -164,31 +171,40 @@ def main() -> None:
     if a.child:
         _child(a)
         return
+    tools = [t for t in ("trl", "tuneforge") if t in a.tools.split(",")]
+    if not tools or set(a.tools.split(",")) - {"trl", "tuneforge"}:
+        raise SystemExit(f"--tools takes trl and/or tuneforge, got {a.tools!r}")
     results = []
     for seed in a.seeds:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             train, evals, trl = select_pairs(a.model, a.pairs, a.eval_pairs, a.max_length, seed, work)
             row = {"seed": seed}
-            for tool in ("trl", "tuneforge"):
+            for tool in tools:
                 cmd = [sys.executable, __file__, "--child", tool, "--model", a.model, "--steps", str(a.steps),
                        "--batch-size", str(a.batch_size), "--max-length", str(a.max_length), "--seed", str(seed),
-                       "--train", str(train), "--eval", str(evals), "--trl", str(trl), "--work", str(work)]
+                       "--train", str(train), "--eval", str(evals), "--trl", str(trl), "--work", str(work),
+                       *(f"--tuneforge-override={o}" for o in a.tuneforge_override)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
                 lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
                 if proc.returncode or not lines:
                     raise SystemExit(f"{tool} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
                 row[tool] = json.loads(lines[-1][len("RESULT "):])
-            row["speed_ratio"] = row["tuneforge"]["pairs_per_s"] / row["trl"]["pairs_per_s"]
+            if len(tools) == 2:
+                row["speed_ratio"] = row["tuneforge"]["pairs_per_s"] / row["trl"]["pairs_per_s"]
             results.append(row)
-            print(f"seed {seed}: tuneforge {row['tuneforge']['pairs_per_s']:.3f} pairs/s, held-out loss "
-                  f"{row['tuneforge']['heldout_loss']:.4f} | TRL {row['trl']['pairs_per_s']:.3f} pairs/s, held-out loss "
-                  f"{row['trl']['heldout_loss']:.4f} | ratio {row['speed_ratio']:.2f}x", flush=True)
-    mean = sum(r["speed_ratio"] for r in results) / len(results)
-    print(f"tuneforge / TRL pairs/s: {mean:.2f}x (mean over {len(results)} seeds)")
+            print(f"seed {seed}: " + " | ".join(
+                f"{t} {row[t]['pairs_per_s']:.3f} pairs/s, held-out loss {row[t]['heldout_loss']:.4f}, "
+                f"peak RSS {row[t]['peak_rss_mib']:.0f} MiB" for t in tools)
+                + (f" | ratio {row['speed_ratio']:.2f}x" if "speed_ratio" in row else ""), flush=True)
+    mean = None
+    if len(tools) == 2:
+        mean = sum(r["speed_ratio"] for r in results) / len(results)
+        print(f"tuneforge / TRL pairs/s: {mean:.2f}x (mean over {len(results)} seeds)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"settings": {k: v for k, v in vars(a).items() if k in
-                                                ("model", "pairs", "eval_pairs", "steps", "batch_size", "max_length")},
+                                                ("model", "pairs", "eval_pairs", "steps", "batch_size", "max_length",
+                                                 "tools", "tuneforge_override")},
                                    "runs": results, "mean_speed_ratio": mean}, indent=2), encoding="utf-8")
 
 

@@ -251,10 +251,10 @@ class TrainConfig(StrictModel):
         "all), model = the whole model; the first steps pay the compile (26 s for a 2-layer GPT-2 on 2 CPU cores, "
         "again for each new input shape). Measured, not a default (benchmarks/README.md). Single process or DDP")
     chunked_cross_entropy: bool = Field(
-        True, description="language models with a frozen output layer (LoRA and other PEFT methods): compute the "
-        "output layer and the next-token loss together over chunks of rows, never holding the [tokens, vocab] "
-        "logits (same loss up to bf16 rounding; faster and far less memory with large vocabularies); false: "
-        "project, then cross-entropy")
+        True, description="language models (clm, sft, dpo, simpo, kto) with a frozen output layer (LoRA and other "
+        "PEFT methods), and every language model's evaluation and reference log-probs: compute the output layer and "
+        "the next-token loss together over chunks of rows, never holding the [tokens, vocab] logits (same loss up "
+        "to bf16 rounding; faster and far less memory with large vocabularies); false: project, then cross-entropy")
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     schedule: Literal["linear", "cosine", "constant"] = "linear"

@@ -8,7 +8,6 @@ supervised tokens of a micro-batch; evaluation sums NLL and token counts over th
 
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
@@ -24,7 +23,7 @@ from tuneforge.data.batching import Batches
 from tuneforge.errors import ConfigError
 from tuneforge.eval.lm import IGNORE_INDEX, perplexity
 from tuneforge.objectives.base import Built, TokenLogits, eval_batches
-from tuneforge.objectives.chunked_ce import fusable_head, head_output_is_logits, per_token_nll_head
+from tuneforge.objectives.chunked_ce import FusedHeads, per_token_nll_head
 
 if TYPE_CHECKING:
     from tuneforge.engine.runtime import Runtime
@@ -242,15 +241,7 @@ class CausalLMObjective:
         self.run = run
         self.notes: list[str] = []
         self._packing_checked = False
-        self._fused: weakref.WeakKeyDictionary[nn.Module, nn.Linear | None] = weakref.WeakKeyDictionary()
-
-    def fused_head(self, model: nn.Module) -> nn.Linear | None:
-        """``model``'s output layer when it runs fused with the loss (``train.chunked_cross_entropy``, a frozen
-        plain linear layer whose output the model returns unchanged), else None; decided once per model."""
-        if model not in self._fused:
-            head = fusable_head(model) if self.run.train.chunked_cross_entropy else None
-            self._fused[model] = head if head is not None and head_output_is_logits(model, head) else None
-        return self._fused[model]
+        self.fused_head = FusedHeads(run.train.chunked_cross_entropy)  # model -> its fused output layer or None
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> TokenLogits | TokenNLL:
         if "position_ids" in batch and not self._packing_checked:  # the model as the method wrapped it

@@ -19,19 +19,21 @@ the reference rounds ``g * (softmax - onehot)`` to bf16, this rounds ``softmax -
 
 Only for an output layer that is a plain ``nn.Linear`` whose weight (and bias) are frozen: LoRA and the
 other PEFT methods, where the head is not trained. A trained head (full fine-tuning, pretraining) keeps the
-plain projection, which its weight gradient needs anyway. The caller checks once that the model returns
+plain projection, which its weight gradient needs anyway, except where autograd is off (evaluation, the
+reference log-probs of DPO and KTO): no gradient is needed there, so every model's layer can run fused. The caller checks once that the model returns
 the output layer's result unchanged (no logit soft-capping or scaling after it, `head_output_is_logits`).
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["chunk_rows", "fusable_head", "head_output_is_logits", "linear_nll", "per_token_nll_head"]
+__all__ = ["FusedHeads", "chunk_rows", "fusable_head", "head_output_is_logits", "linear_nll", "per_token_nll_head"]
 
 _CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**25}  # logits per chunk: ~16 MB fp32 on a CPU (caches), more on a GPU
 
@@ -92,21 +94,21 @@ def linear_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                targets: torch.Tensor) -> torch.Tensor:
     """Per-row next-token NLL [N] (fp32) of ``targets`` [N] under the frozen linear layer (``weight`` [V, H],
     ``bias`` [V] or None) applied to ``hidden`` [N, H], in the precision autocast gives that layer."""
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+    if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
         raise ValueError("linear_nll computes no weight gradient: the output layer must be frozen")
     kind = hidden.device.type
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
     return _LinearNLL.apply(hidden, weight, bias, targets, dtype)
 
 
-def fusable_head(model: nn.Module) -> nn.Linear | None:
-    """The model's output layer when it is a plain, frozen ``nn.Linear`` (else None: project as usual)."""
+def fusable_head(model: nn.Module, *, needs_grad: bool = True) -> nn.Linear | None:
+    """The model's output layer when it is a plain ``nn.Linear``, frozen unless no gradient is needed
+    (``needs_grad`` false: scoring without autograd), else None: project as usual."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if type(head) is not nn.Linear or head.weight.requires_grad:
+    if type(head) is not nn.Linear:
         return None
-    if head.bias is not None and head.bias.requires_grad:
-        return None
-    return head
+    trained = head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad)
+    return None if trained and needs_grad else head
 
 
 @contextmanager
@@ -143,3 +145,24 @@ def head_output_is_logits(model: nn.Module, head: nn.Module) -> bool:
         handle.remove()
         model.train(was_training)
     return len(seen) == 1 and seen[0].shape == logits.shape and torch.equal(seen[0], logits)
+
+
+class FusedHeads:
+    """Which output layers run fused with the loss: a plain linear layer (`fusable_head`; frozen, unless
+    autograd is off, as when reference log-probs are precomputed, so that those take the same path as the
+    policy's) whose output the model returns unchanged (`head_output_is_logits`, checked once per model
+    object); never when ``enabled`` (``train.chunked_cross_entropy``) is false. Objectives call it with each
+    model they score (the policy, a reference)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._plain: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+    def __call__(self, model: nn.Module) -> nn.Linear | None:
+        """``model``'s output layer when it runs fused with the loss now, else None."""
+        head = fusable_head(model, needs_grad=torch.is_grad_enabled()) if self.enabled else None
+        if head is None:
+            return None
+        if model not in self._plain:
+            self._plain[model] = head_output_is_logits(model, head)
+        return head if self._plain[model] else None

@@ -67,16 +67,17 @@ class KtoObjective(PreferenceLMObjective):
         b = batch["input_ids"].shape[0] // 2
         own = {k: batch[k][:b] for k in ("input_ids", "attention_mask", "labels")}
         other = {k: batch[k][b:] for k in ("input_ids", "attention_mask", "labels")}
-        logits, logps, tokens = response_logps(model, own)
+        head = self.fused_head(model)
+        scored, logps, tokens = response_logps(model, own, head)
         with torch.no_grad():
-            _, kl_logps, kl_tokens = response_logps(model, other)
+            _, kl_logps, kl_tokens = response_logps(model, other, head)
         ref = None
         if "ref_logps" in batch:
             ref = batch["ref_logps"].T.reshape(-1).to(logps.dtype)  # [B, 2] -> [2B], own completions first
         elif self.reference is not None:
             with torch.no_grad(), self.reference() as ref_model:
-                ref = response_logps(ref_model, batch)[1].detach()
-        return PreferenceOutputs(logits, torch.cat([logps, kl_logps.detach()]), torch.cat([tokens, kl_tokens]), ref)
+                ref = response_logps(ref_model, batch, self.fused_head(ref_model))[1].detach()
+        return PreferenceOutputs(scored, torch.cat([logps, kl_logps.detach()]), torch.cat([tokens, kl_tokens]), ref)
 
     def _losses(self, logps: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-example losses, the KL estimate z) from [2B] (training) or [N, 2] (evaluation) log-probs."""

@@ -7,7 +7,9 @@ in the run's notes; see `data.pairs.encode_responses`). A batch of B examples is
 forward pass (chosen rows first).
 
 Log-probs: ``log pi(y | x)`` summed over the response tokens (`response_logps`), computed from the
-objective's `forward` with the same supervised-positions-only output layer as SFT (`causal_lm.lm_forward`).
+objective's `forward` with the same supervised-positions-only output layer as SFT (`causal_lm.lm_forward`),
+fused with the loss when that layer is frozen (``train.chunked_cross_entropy``, `chunked_ce`: no [N, vocab]
+logits are kept; they are computed again only if something reads ``PreferenceOutputs.logits``).
 
 The reference model (DPO, KTO: ``needs_reference``) is the base model *before* the method is applied:
 
@@ -39,8 +41,15 @@ from tuneforge.data.preference import Preferences
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval.lm import IGNORE_INDEX
 from tuneforge.objectives._preference import load_preference_splits, preference_reader
-from tuneforge.objectives.base import Built, TaskData
-from tuneforge.objectives.causal_lm import check_decoder, lm_forward, load_causal_lm, saved_causal_lm
+from tuneforge.objectives.base import Built, TaskData, TokenLogits
+from tuneforge.objectives.causal_lm import (
+    TokenNLL,
+    check_decoder,
+    lm_forward,
+    load_causal_lm,
+    saved_causal_lm,
+)
+from tuneforge.objectives.chunked_ce import FusedHeads
 
 if TYPE_CHECKING:
     from tuneforge.engine.runtime import Runtime
@@ -54,27 +63,40 @@ class PreferenceOutputs:
     """Outputs of one [S * B, T] batch (S sides, chosen rows first).
 
     Attributes:
-        logits: next-token logits at the scored (response) positions [N, V] (for run extensions).
+        scored: the policy's output at the scored (response) positions (`lm_forward`; None for merged
+            evaluation outputs); ``logits`` reads its next-token logits [N, V] (for run extensions).
         logps: summed response log-probs of the policy per row [S * B].
         tokens: scored response tokens per row [S * B].
         ref_logps: the reference's summed log-probs per row [S * B] (None when the objective needs none).
     """
 
-    logits: torch.Tensor
+    scored: TokenLogits | TokenNLL | None
     logps: torch.Tensor
     tokens: torch.Tensor
     ref_logps: torch.Tensor | None = None
 
+    @property
+    def logits(self) -> torch.Tensor:
+        """Next-token logits at the scored positions [N, V] (computed on demand after a fused loss)."""
+        if self.scored is None:
+            raise ValueError("these preference outputs merge a whole split and keep no logits")
+        return self.scored.logits
 
-def response_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits at scored positions [N, V], summed log-prob per row [R], scored tokens per row [R]) of ``batch``
-    (``input_ids``, ``attention_mask``, ``labels`` with -100 outside the responses)."""
-    out = lm_forward(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
-    token_logps = -F.cross_entropy(out.logits.float(), out.targets, reduction="none")
+
+def response_logps(model: nn.Module, batch: dict[str, torch.Tensor], fused_head: nn.Linear | None = None,
+                   ) -> tuple[TokenLogits | TokenNLL, torch.Tensor, torch.Tensor]:
+    """(the scored positions' output, summed log-prob per row [R], scored tokens per row [R]) of ``batch``
+    (``input_ids``, ``attention_mask``, ``labels`` with -100 outside the responses); with ``fused_head``
+    (`chunked_ce.FusedHeads`) the output layer returns the per-token NLL directly (`lm_forward`)."""
+    out = lm_forward(model, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}, fused_head=fused_head)
+    if isinstance(out, TokenNLL):
+        token_logps = -out.nll
+    else:
+        token_logps = -F.cross_entropy(out.logits.float(), out.targets, reduction="none")
     rows = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0]  # lm_forward keeps this row-major order
     n = batch["labels"].shape[0]
     logps = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
-    return out.logits, logps, torch.bincount(rows, minlength=n)
+    return out, logps, torch.bincount(rows, minlength=n)
 
 
 class PreferenceLMObjective:
@@ -95,6 +117,7 @@ class PreferenceLMObjective:
         self.reference_model: nn.Module | None = None  # a base model that precomputes reference log-probs
         self._encoded: dict[int, tuple[Preferences, PairBatches]] = {}
         self._samples: Preferences | None = None
+        self.fused_head = FusedHeads(run.train.chunked_cross_entropy)  # model -> its fused output layer or None
 
     # ----------------------------------------------------------------- data
     @property
@@ -174,7 +197,8 @@ class PreferenceLMObjective:
         try:
             with runtime.inference():
                 for indices in data.plan(0, batch_size, seed=0, shuffle=False):
-                    _, logps, _ = response_logps(model, runtime.to_device(data.collate(indices)))
+                    batch = runtime.to_device(data.collate(indices))
+                    _, logps, _ = response_logps(model, batch, self.fused_head(model))
                     out[torch.as_tensor(indices)] = logps.float().cpu().view(n_sides, -1).T
         finally:
             model.train(was_training)
@@ -210,17 +234,17 @@ class PreferenceLMObjective:
 
     # ----------------------------------------------------------------- training
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> PreferenceOutputs:
-        logits, logps, tokens = response_logps(model, batch)
+        scored, logps, tokens = response_logps(model, batch, self.fused_head(model))
         ref = None
         if self.needs_reference:
             if "ref_logps" in batch:
                 ref = batch["ref_logps"].T.reshape(-1).to(logps.dtype)  # [B, S] -> [S * B], chosen rows first
             elif self.reference is not None:
                 with torch.no_grad(), self.reference() as ref_model:
-                    ref = response_logps(ref_model, batch)[1].detach()
+                    ref = response_logps(ref_model, batch, self.fused_head(ref_model))[1].detach()
             else:
                 raise ConfigError(f"task '{self.name}' has no reference log-probs for this batch")
-        return PreferenceOutputs(logits, logps, tokens, ref)
+        return PreferenceOutputs(scored, logps, tokens, ref)
 
     def evaluate(self, model: nn.Module, data: PairBatches, *, batch_size: int, runtime: Runtime) -> dict[str, Any]:
         from tuneforge.objectives.base import eval_batches
@@ -231,11 +255,11 @@ class PreferenceLMObjective:
         split = lambda t: t.detach().float().cpu().view(s, -1).T  # noqa: E731  [S * B] -> [B, S]
         for _, batch in eval_batches(model, data, batch_size, runtime):
             out = self.forward(model, batch)
-            parts.append(PreferenceOutputs(out.logits[:0], split(out.logps), split(out.tokens),
+            parts.append(PreferenceOutputs(None, split(out.logps), split(out.tokens),
                                            split(out.ref_logps) if out.ref_logps is not None else None))
             extras.append({k: v.cpu() for k, v in batch.items() if k in data.extra and k != "ref_logps"})
         cat = lambda xs: torch.cat(xs) if xs and xs[0] is not None else None  # noqa: E731
-        merged = PreferenceOutputs(parts[0].logits, cat([p.logps for p in parts]), cat([p.tokens for p in parts]),
+        merged = PreferenceOutputs(None, cat([p.logps for p in parts]), cat([p.tokens for p in parts]),
                                    cat([p.ref_logps for p in parts]))
         extra = {k: torch.cat([e[k] for e in extras]) for k in (extras[0] if extras else {})}
         return {**self.metrics(merged, extra), "examples": len(data)}
