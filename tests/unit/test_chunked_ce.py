@@ -137,3 +137,32 @@ def test_sft_with_lora_trains_the_same_with_and_without_the_fused_loss(tmp_path:
     assert runs[True]["train"]["final_loss"] == pytest.approx(runs[False]["train"]["final_loss"], abs=2e-3)
     assert runs[True]["eval"]["loss"] == pytest.approx(runs[False]["eval"]["loss"], abs=2e-3)
 
+
+
+def test_evaluation_of_a_trained_head_runs_fused_with_the_same_loss(tmp_path: Path, monkeypatch) -> None:
+    """Full fine-tuning trains the output layer (its training loss keeps the plain projection) but evaluation
+    takes no gradient, so its held-out loss runs fused: equal to the plain one in fp32."""
+    from tuneforge.engine.runtime import Runtime
+    from tuneforge.objectives import get_objective
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(f"the {w} is near the {v}" for w in ("cat", "dog", "owl") for v in ("barn", "lake")),
+                    encoding="utf-8")
+    calls = []
+    real = chunked_ce.linear_nll
+    monkeypatch.setattr(chunked_ce, "linear_nll", lambda *a: calls.append(1) or real(*a))
+    losses = {}
+    for fused in (True, False):
+        run = load_config(None, ["model=tiny-gpt2", "task=clm", "method=full", f"data.train={text}",
+                                 "train.precision=fp32", f"train.chunked_cross_entropy={fused}"])
+        objective = get_objective(run)
+        data = objective.load_data(run)
+        built = objective.build(run, resolve_model(run.model.name), data)
+        batches = objective.prepare(data.splits["train"], built.tokenizer, run)
+        assert built.model.get_output_embeddings().weight.requires_grad
+        assert objective.fused_head(built.model) is None  # training: the head's gradient needs the projection
+        calls.clear()
+        losses[fused] = objective.evaluate(built.model, batches, batch_size=4, runtime=Runtime.for_run(run.train))
+        assert bool(calls) is fused
+    assert losses[True]["tokens"] == losses[False]["tokens"] > 0
+    assert losses[True]["loss"] == pytest.approx(losses[False]["loss"], rel=1e-6)
