@@ -138,7 +138,6 @@ def test_sft_with_lora_trains_the_same_with_and_without_the_fused_loss(tmp_path:
     assert runs[True]["eval"]["loss"] == pytest.approx(runs[False]["eval"]["loss"], abs=2e-3)
 
 
-
 def test_evaluation_of_a_trained_head_runs_fused_with_the_same_loss(tmp_path: Path, monkeypatch) -> None:
     """Full fine-tuning trains the output layer (its training loss keeps the plain projection) but evaluation
     takes no gradient, so its held-out loss runs fused: equal to the plain one in fp32."""
