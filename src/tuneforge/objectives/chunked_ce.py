@@ -20,8 +20,9 @@ the reference rounds ``g * (softmax - onehot)`` to bf16, this rounds ``softmax -
 Only for an output layer that is a plain ``nn.Linear`` whose weight (and bias) are frozen: LoRA and the
 other PEFT methods, where the head is not trained. A trained head (full fine-tuning, pretraining) keeps the
 plain projection, which its weight gradient needs anyway, except where autograd is off (evaluation, the
-reference log-probs of DPO and KTO): no gradient is needed there, so every model's layer can run fused. The caller checks once that the model returns
-the output layer's result unchanged (no logit soft-capping or scaling after it, `head_output_is_logits`).
+reference log-probs of DPO and KTO): no gradient is needed there, so any model's layer can run fused. The
+caller checks once that the model returns the output layer's result unchanged (no logit soft-capping or
+scaling after it, `head_output_is_logits`; `FusedHeads` does both checks).
 """
 
 from __future__ import annotations
