@@ -116,14 +116,20 @@ def test_fusing_is_refused_for_a_trained_head_and_for_post_processed_logits() ->
     handle.remove()
 
 
-def test_sft_with_lora_trains_the_same_with_and_without_the_fused_loss(tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture
+def calls(monkeypatch) -> list[int]:
+    """One entry per call of `chunked_ce.linear_nll` (the fused path) during the test."""
+    seen: list[int] = []
+    real = chunked_ce.linear_nll
+    monkeypatch.setattr(chunked_ce, "linear_nll", lambda *a: seen.append(1) or real(*a))
+    return seen
+
+
+def test_sft_with_lora_trains_the_same_with_and_without_the_fused_loss(tmp_path: Path, calls: list[int]) -> None:
     rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": f"{w} {w} {w}"}
             for w in ("apple", "river", "stone", "cloud", "ember", "field", "glass", "honey") * 3]
     path = tmp_path / "chat.json"
     path.write_text(json.dumps(rows), encoding="utf-8")
-    calls = []
-    real = chunked_ce.linear_nll
-    monkeypatch.setattr(chunked_ce, "linear_nll", lambda *a: calls.append(1) or real(*a))
     runs, used = {}, {}
     for fused in (True, False):
         run = load_config(None, ["model=tiny-llama", "task=sft", "method=lora", f"data.train={path}",
@@ -138,7 +144,7 @@ def test_sft_with_lora_trains_the_same_with_and_without_the_fused_loss(tmp_path:
     assert runs[True]["eval"]["loss"] == pytest.approx(runs[False]["eval"]["loss"], abs=2e-3)
 
 
-def test_evaluation_of_a_trained_head_runs_fused_with_the_same_loss(tmp_path: Path, monkeypatch) -> None:
+def test_evaluation_of_a_trained_head_runs_fused_with_the_same_loss(tmp_path: Path, calls: list[int]) -> None:
     """Full fine-tuning trains the output layer (its training loss keeps the plain projection) but evaluation
     takes no gradient, so its held-out loss runs fused: equal to the plain one in fp32."""
     from tuneforge.engine.runtime import Runtime
@@ -147,9 +153,6 @@ def test_evaluation_of_a_trained_head_runs_fused_with_the_same_loss(tmp_path: Pa
     text = tmp_path / "text.txt"
     text.write_text("\n".join(f"the {w} is near the {v}" for w in ("cat", "dog", "owl") for v in ("barn", "lake")),
                     encoding="utf-8")
-    calls = []
-    real = chunked_ce.linear_nll
-    monkeypatch.setattr(chunked_ce, "linear_nll", lambda *a: calls.append(1) or real(*a))
     losses = {}
     for fused in (True, False):
         run = load_config(None, ["model=tiny-gpt2", "task=clm", "method=full", f"data.train={text}",

@@ -255,8 +255,7 @@ class CausalLMObjective:
         return total / count.clamp(min=1)
 
     def evaluate(self, model: nn.Module, data: Batches, *, batch_size: int, runtime: Runtime) -> dict[str, Any]:
-        with torch.no_grad():  # evaluation takes no gradient: even a trained output layer runs fused with the loss
-            head = self.fused_head(model)
+        head = self.fused_head(model, needs_grad=False)  # no gradient here: even a trained output layer qualifies
         return evaluate_lm(model, data, batch_size=batch_size, runtime=runtime, fused_head=head)
 
     def baseline_metrics(self, train: Any, records: Any) -> dict[str, float]:

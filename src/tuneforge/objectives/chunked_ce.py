@@ -159,9 +159,12 @@ class FusedHeads:
         self.enabled = enabled
         self._plain: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
-    def __call__(self, model: nn.Module) -> nn.Linear | None:
-        """``model``'s output layer when it runs fused with the loss now, else None."""
-        head = fusable_head(model, needs_grad=torch.is_grad_enabled()) if self.enabled else None
+    def __call__(self, model: nn.Module, *, needs_grad: bool | None = None) -> nn.Linear | None:
+        """``model``'s output layer when it runs fused with the loss, else None; ``needs_grad``: whether the
+        caller will backpropagate (default: whether autograd is on now)."""
+        if needs_grad is None:
+            needs_grad = torch.is_grad_enabled()
+        head = fusable_head(model, needs_grad=needs_grad) if self.enabled else None
         if head is None:
             return None
         if model not in self._plain:
