@@ -47,3 +47,55 @@ def warn_if_shared(utils: dict[str, float], floor: float = 0.85) -> None:
         runs = ", ".join(f"{k} ({100 * v:.0f}%)" for k, v in low.items())
         print(f"WARNING: cpu util below {100 * floor:.0f}% in {runs}: other load shared the cores, or the run "
               "waited on single-threaded work; timings may be off")
+
+
+# ----------------------------------------------------------------------------- device
+def add_device_arg(parser) -> None:
+    """``--device auto|cpu|cuda``: auto picks CUDA when present (the issue: run on CUDA where there is one)."""
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="where every run trains/infers (default: cuda when present, else cpu)")
+
+
+def pick_device(requested: str) -> str:
+    """``auto`` resolved to ``cuda`` or ``cpu``; ``cuda`` without a CUDA device exits with a clear message."""
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
+    return requested
+
+
+def synchronize(device: str) -> None:
+    """Wait for queued GPU work, so that a wall-clock reading after it covers the work (no-op on CPU)."""
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def device_peak_mib(device: str) -> float | None:
+    """Peak GPU memory allocated by torch in this process (MiB), None on CPU."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def gpu_name(device: str) -> str | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
+def results_path(path: Path, device: str) -> Path:
+    """``results/x.json`` for CPU runs, ``results/x-cuda.json`` for GPU runs (so neither overwrites the other)."""
+    return path if device == "cpu" else path.with_name(f"{path.stem}-{device.split(':')[0]}{path.suffix}")
+
+
+def fmt_mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"

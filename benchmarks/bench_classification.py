@@ -19,7 +19,12 @@ collation, forward, backward, clipping, optimizer and scheduler step, per-step b
 loading, tokenization, evaluation or checkpointing). See benchmarks/README.md for all definitions.
 
     python benchmarks/bench_classification.py [--train-rows 8000] [--dev-rows 872] [--steps N] [--batch-size 32]
-        [--runs hf-tuned,tuneforge,tuneforge-sparse]
+        [--runs hf-tuned,tuneforge,tuneforge-sparse] [--device auto|cpu|cuda]
+
+On CUDA (``--device auto`` picks it when present) every run trains on the GPU (the HF runs without
+``use_cpu``), the matmul peak is measured there (8192^3), the clocks wait for the GPU
+(``torch.cuda.synchronize``) and the table adds each run's peak GPU memory; results go to
+``results/classification-cuda.json``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_util, peak_rss_mib
+from _common import (
+    add_device_arg,
+    cpu_util,
+    device_peak_mib,
+    fmt_mib,
+    gpu_name,
+    peak_rss_mib,
+    pick_device,
+    results_path,
+    synchronize,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2"
@@ -71,20 +86,25 @@ def samples_for(steps: int, n: int, bs: int) -> int:
 
 # ----------------------------------------------------------------------------- children
 def child_peak(a: argparse.Namespace) -> dict:
-    """Best-of-N 2048^3 matmul in fp32 and bf16, plus the model's per-token parameter count."""
+    """Best-of-N n^3 matmul in fp32 and bf16 on the run's device (n = 2048 on CPU, 8192 on CUDA), plus the
+    model's per-token parameter count."""
     import torch
     from transformers import AutoConfig, AutoModel
 
     from tuneforge.models import resolve_model
 
-    out: dict = {"threads": torch.get_num_threads()}
-    n = 2048
+    out: dict = {"threads": torch.get_num_threads(), "device": a.device, "gpu": gpu_name(a.device)}
+    n = 2048 if a.device == "cpu" else 8192
+    out["matmul_n"] = n
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        x, y = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        x, y = (torch.randn(n, n, dtype=dtype, device=a.device) for _ in range(2))
+        torch.mm(x, y)
+        synchronize(a.device)
         best = float("inf")
         for _ in range(7):
             t0 = time.perf_counter()
             torch.mm(x, y)
+            synchronize(a.device)
             best = min(best, time.perf_counter() - t0)
         out[f"matmul_{name}_gflops"] = 2 * n**3 / best / 1e9
     cfg = AutoConfig.from_pretrained(resolve_model("minilm-l6"))
@@ -133,11 +153,13 @@ def child_hf(a: argparse.Namespace, tuned: bool, tune_allocator: bool = False) -
             self.steps += time.perf_counter() - self.s0
 
         def on_train_end(self, *_, **__):
+            synchronize(a.device)
             self.end, self.cpu = time.perf_counter(), time.process_time() - self.cpu
 
-    extra: dict = {}
+    # use_cpu on CPU: transformers refuses bf16 on a GPU-less box without it
+    extra: dict = {"use_cpu": a.device == "cpu"}
     if tuned:
-        extra.update(bf16=True, use_cpu=True)  # transformers refuses bf16 on a GPU-less box without use_cpu
+        extra["bf16"] = True
         if "train_sampling_strategy" in hf.TrainingArguments.__dataclass_fields__:
             extra["train_sampling_strategy"] = "group_by_length"
         else:
@@ -177,6 +199,7 @@ def child_tuneforge(a: argparse.Namespace, extra: list[str]) -> dict:
         def wrapper(*args, **kwargs):
             t0, c0 = time.perf_counter(), time.process_time()
             out = fn(*args, **kwargs)
+            synchronize(a.device)
             spent[key] += time.perf_counter() - t0
             spent[key + "_cpu"] += time.process_time() - c0
             return out
@@ -190,7 +213,8 @@ def child_tuneforge(a: argparse.Namespace, extra: list[str]) -> dict:
         "data.text_column=sentence", "data.label_column=label", f"data.max_length={MAX_LEN}",
         f"train.max_steps={a.steps}", f"train.batch_size={a.batch_size}", f"train.lr={LR}",
         f"train.warmup_steps={a.warmup}", f"train.weight_decay={WD}", f"train.max_grad_norm={CLIP}",
-        f"train.seed={a.seed}", "train.tensorboard=false", f"output_dir={a.workdir}", *extra,
+        f"train.seed={a.seed}", "train.tensorboard=false", f"train.device={a.device}", f"output_dir={a.workdir}",
+        *extra,
     ])
     m = train(cfg, overwrite=True, quiet=True).metrics
     tr = m["train"]
@@ -210,7 +234,7 @@ def run_child(name: str, a: argparse.Namespace, work: Path) -> dict:
     wd.mkdir()
     cmd = [sys.executable, __file__, "--child", name, "--train-file", str(work / "train.tsv"), "--dev-file",
            str(work / "dev.tsv"), "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch-size",
-           str(a.batch_size), "--seed", str(a.seed), "--workdir", str(wd)]
+           str(a.batch_size), "--seed", str(a.seed), "--workdir", str(wd), "--device", a.device]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
            "TUNEFORGE_CACHE": str(work / "cache")}
     t0 = time.perf_counter()
@@ -232,13 +256,14 @@ def report(a: argparse.Namespace, res: dict, peak: dict) -> dict:
           f"{a.batch_size}, warmup {a.warmup}, {peak['threads']} torch threads")
     print("samples/s = training samples / training-loop wall time (data + fwd + bwd + clip + optimizer; no load/eval)")
     head = (f"{'run':<17}{'samples/s':>10}{'step-only':>10}" + "".join(f"{'vs hf-' + k:>13}" for k in peers)
-            + f"{'RSS MiB':>9}{'dev acc':>9}{'cpu util':>10}")
+            + f"{'RSS MiB':>9}{'GPU MiB':>9}{'dev acc':>9}{'cpu util':>10}")
     print(head + "\n" + "-" * len(head))
     for name, r in res.items():
         ratios = "".join(f"{r['samples_per_s'] / h['samples_per_s']:>12.2f}x" for h in peers.values())
         print(f"{name:<17}{r['samples_per_s']:>10.1f}{r['step_only_samples_per_s']:>10.1f}{ratios}"
-              f"{r['peak_rss_mib']:>9.0f}{100 * r['dev_accuracy']:>8.2f}%{100 * r['cpu_util']:>9.0f}%")
-    if min(r["cpu_util"] for r in res.values()) < 0.85:
+              f"{r['peak_rss_mib']:>9.0f}{fmt_mib(r['gpu_peak_mib']):>9}{100 * r['dev_accuracy']:>8.2f}%"
+              f"{100 * r['cpu_util']:>9.0f}%")
+    if a.device == "cpu" and min(r["cpu_util"] for r in res.values()) < 0.85:
         print("WARNING: cpu util < 85% (process CPU time / (loop wall x threads)): other load shared the cores")
     print()
     summary: dict = {}
@@ -261,7 +286,8 @@ def report(a: argparse.Namespace, res: dict, peak: dict) -> dict:
             print(f"{name}: {1000 * r['loop_s'] / r['steps']:.0f} ms/step loop, {1000 * r['steps_s'] / r['steps']:.0f} "
                   f"ms/step inside on_step_begin..end, {1000 * (r['loop_s'] - r['steps_s']) / r['steps']:.1f} ms/step "
                   f"outside (data loading + bookkeeping); trainer.train() {r['train_call_s']:.1f}s vs loop {r['loop_s']:.1f}s")
-    print(f"\nmatmul peak 2048^3: fp32 {peak['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 {peak['matmul_bf16_gflops']:.0f} "
+    where = peak["gpu"] or "CPU"
+    print(f"\nmatmul peak {peak['matmul_n']}^3 on {where}: fp32 {peak['matmul_fp32_gflops']:.0f} GFLOP/s, bf16 {peak['matmul_bf16_gflops']:.0f} "
           f"GFLOP/s (best of 7)")
     for name in ours:
         tf = res[name]
@@ -293,16 +319,18 @@ def main() -> None:
     for hidden in ("--train-file", "--dev-file", "--workdir"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
+    add_device_arg(p)
     a = p.parse_args()
     a.runs = [r.strip() for r in a.runs.split(",") if r.strip()]
     if bad := [r for r in a.runs if r not in RUNS]:
         p.error(f"--runs: unknown {bad}; allowed: {', '.join(RUNS)}")
+    a.device = pick_device(a.device)
     if a.child:
         fn = {"peak": child_peak, "hf-default": lambda x: child_hf(x, False), "hf-tuned": lambda x: child_hf(x, True),
               "hf-tuned-alloc": lambda x: child_hf(x, True, tune_allocator=True),
               **{k: (lambda x, e=e: child_tuneforge(x, e)) for k, e in TUNEFORGE_EXTRA.items()}}[a.child]
         out = fn(a)
-        out["peak_rss_mib"] = peak_rss_mib()
+        out["peak_rss_mib"], out["gpu_peak_mib"] = peak_rss_mib(), device_peak_mib(a.device)
         print(json.dumps(out))
         return
     load = os.getloadavg()[0]
@@ -323,16 +351,18 @@ def main() -> None:
                       f"RSS {r['peak_rss_mib']:.0f} MiB, process {r['process_s']:.0f}s", flush=True)
     peak = res.pop("peak")
     summary = report(a, res, peak)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    out = results_path(RESULTS, a.device)
+    out.parent.mkdir(parents=True, exist_ok=True)
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), "unknown")
-    RESULTS.write_text(json.dumps({
+    out.write_text(json.dumps({
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu, "cores": os.cpu_count(), "load_at_start": load,
+        "device": a.device, "gpu": peak["gpu"],
         "settings": {k: getattr(a, k) for k in ("train_rows", "dev_rows", "steps", "warmup", "batch_size", "seed")}
         | {"lr": LR, "weight_decay": WD, "max_grad_norm": CLIP, "max_length": MAX_LEN},
         "peak": peak, "runs": res, "summary": summary,
     }, indent=2))
-    print(f"\nwrote {RESULTS.relative_to(ROOT)}")
+    print(f"\nwrote {out.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

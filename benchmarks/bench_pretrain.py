@@ -27,7 +27,10 @@ trained tokens / training-loop wall time (tuneforge: ``train_seconds``; HF: ``tr
 excluded. CPU utilisation = process CPU time / (wall x torch threads) over ``Trainer.fit`` (tuneforge, its
 final evaluation included) or ``Trainer.train`` (HF); a warning names runs below 85%.
 
-    python benchmarks/bench_pretrain.py [--steps 150] [--seeds 0,1,2] [--runs hf-bf16,tuneforge]
+    python benchmarks/bench_pretrain.py [--steps 150] [--seeds 0,1,2] [--runs hf-bf16,tuneforge] [--device auto]
+
+``--device auto`` trains on CUDA when present (bf16 autocast there for ``hf-bf16`` and tuneforge); results
+then go to ``results/pretrain-cuda.json`` and each run also reports its peak GPU memory.
 """
 
 from __future__ import annotations
@@ -42,7 +45,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import cpu_clock, peak_rss_mib, warn_if_shared
+from _common import (
+    add_device_arg,
+    cpu_clock,
+    device_peak_mib,
+    fmt_mib,
+    gpu_name,
+    peak_rss_mib,
+    pick_device,
+    results_path,
+    synchronize,
+    warn_if_shared,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "text" / "tinyshakespeare.txt"
@@ -62,7 +76,7 @@ def _overrides(work: Path, out: Path, a: argparse.Namespace, seed: int) -> list[
             f"train.batch_size={a.batch_size}", f"train.max_steps={a.steps}", "train.lr=1e-3", "train.weight_decay=0.01",
             f"train.warmup_steps={_warmup(a.steps)}", "train.max_grad_norm=1.0", "train.eval_steps=1000000",
             "train.save_steps=1000000", "train.tensorboard=false", f"train.seed={seed}", "train.load_best_at_end=false",
-            f"output_dir={out}"]
+            f"train.device={a.device}", f"output_dir={out}"]
 
 
 def _rows(tokenizer, path: Path, block: int) -> list[list[int]]:
@@ -75,14 +89,14 @@ def _rows(tokenizer, path: Path, block: int) -> list[list[int]]:
     return pack_blocks(docs, block)["input_ids"]
 
 
-def heldout_loss(model, rows: list[list[int]], bf16: bool, batch_size: int = 16) -> float:
+def heldout_loss(model, rows: list[list[int]], bf16: bool, device: str = "cpu", batch_size: int = 16) -> float:
     """Token-weighted mean next-token NLL of ``model`` over ``rows`` (eval mode, inference mode)."""
     import torch
     import torch.nn.functional as F
 
-    model.eval()
+    model.eval().to(device)
     total, count = 0.0, 0
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.inference_mode(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(rows), batch_size):
             chunk = rows[i : i + batch_size]
             width = max(len(r) for r in chunk)
@@ -91,6 +105,7 @@ def heldout_loss(model, rows: list[list[int]], bf16: bool, batch_size: int = 16)
             for j, r in enumerate(chunk):
                 ids[j, : len(r)] = torch.tensor(r)
                 labels[j, : len(r)] = torch.tensor(r)
+            ids, labels = ids.to(device), labels.to(device)
             logits = model(input_ids=ids, attention_mask=(labels != -100).long()).logits
             total += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                            labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"))
@@ -111,6 +126,7 @@ def run_tuneforge(work: Path, a: argparse.Namespace, seed: int, name: str = "tun
     def fit_clocked(self):
         with cpu_clock() as c:
             result = fit(self)
+            synchronize(a.device)
         clock.update(c)
         return result
 
@@ -121,7 +137,7 @@ def run_tuneforge(work: Path, a: argparse.Namespace, seed: int, name: str = "tun
     rows = _rows(AutoTokenizer.from_pretrained(out / "model"), work / "heldout.txt", a.block)
     return {"tokens": a.steps * a.batch_size * a.block, "seconds": t["train_seconds"], "precision": t["precision"],
             "cpu_util": clock["cpu_util"], "heldout_loss": res.metrics["splits"]["validation"]["loss"],
-            "heldout_loss_script": heldout_loss(model, rows, t["precision"] == "bf16")}
+            "heldout_loss_script": heldout_loss(model, rows, t["precision"] == "bf16", a.device)}
 
 
 def run_hf(work: Path, a: argparse.Namespace, seed: int, bf16: bool) -> dict:
@@ -138,13 +154,13 @@ def run_hf(work: Path, a: argparse.Namespace, seed: int, bf16: bool) -> dict:
     data = [{"input_ids": r, "labels": r} for r in rows]
     args = TrainingArguments(output_dir=str(work / "hf"), per_device_train_batch_size=a.batch_size, max_steps=a.steps,
                              learning_rate=1e-3, weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="linear",
-                             warmup_steps=_warmup(a.steps), bf16=bf16, use_cpu=True, report_to=[], save_strategy="no",
+                             warmup_steps=_warmup(a.steps), bf16=bf16, use_cpu=a.device == "cpu", report_to=[], save_strategy="no",
                              logging_steps=10**6, seed=seed, dataloader_num_workers=0, disable_tqdm=True)
     with cpu_clock() as clock:
         out = Trainer(model=model, args=args, train_dataset=data).train()
     return {"tokens": a.steps * a.batch_size * a.block, "seconds": out.metrics["train_runtime"],
             "precision": "bf16" if bf16 else "fp32", "cpu_util": clock["cpu_util"],
-            "heldout_loss": heldout_loss(model, _rows(tokenizer, work / "heldout.txt", a.block), bf16)}
+            "heldout_loss": heldout_loss(model, _rows(tokenizer, work / "heldout.txt", a.block), bf16, a.device)}
 
 
 def prepare(work: Path, a: argparse.Namespace) -> None:
@@ -175,7 +191,9 @@ def main() -> None:
     p.add_argument("--one", choices=RUNS, help=argparse.SUPPRESS)  # a single run, in this process
     p.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    add_device_arg(p)
     a = p.parse_args()
+    a.device = pick_device(a.device)
     if a.one:
         if a.one == "hf-bf16-alloc":
             from tuneforge.engine.allocator import tune_cpu_allocator
@@ -183,7 +201,7 @@ def main() -> None:
             tune_cpu_allocator()
         res = (run_tuneforge(a.work, a, a.seed, a.one) if a.one in TUNEFORGE_EXTRA
                else run_hf(a.work, a, a.seed, a.one.startswith("hf-bf16")))
-        print("RESULT " + json.dumps(res | {"peak_rss_mib": peak_rss_mib()}))
+        print("RESULT " + json.dumps(res | {"peak_rss_mib": peak_rss_mib(), "gpu_peak_mib": device_peak_mib(a.device)}))
         return
     if not TEXT.is_file():
         sys.exit(f"{TEXT} not found (the shared data folder)")
@@ -191,10 +209,11 @@ def main() -> None:
     if bad := [r for r in runs if r not in RUNS]:
         sys.exit(f"unknown run {bad[0]!r}; allowed: {', '.join(RUNS)}")
     seeds = [int(s) for s in a.seeds.split(",")]
-    print(f"load average at start: {os.getloadavg()[0]:.1f} (compare runs only within one invocation)", flush=True)
+    print(f"load average at start: {os.getloadavg()[0]:.1f} (compare runs only within one invocation); device "
+          f"{a.device}{' (' + gpu_name(a.device) + ')' if a.device != 'cpu' else ''}", flush=True)
     results: dict[str, dict[int, dict]] = {name: {} for name in runs}
     passthrough = ["--steps", str(a.steps), "--batch-size", str(a.batch_size), "--block", str(a.block),
-                   "--layers", str(a.layers), "--hidden", str(a.hidden), "--heads", str(a.heads)]
+                   "--layers", str(a.layers), "--hidden", str(a.hidden), "--heads", str(a.heads), "--device", a.device]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prepare(work, a)
@@ -208,7 +227,8 @@ def main() -> None:
                 r["tokens_per_s"] = r["tokens"] / r["seconds"]
                 results[name][seed] = r
                 print(f"{name:>10} seed {seed}: {r['tokens_per_s']:8.0f} tokens/s ({r['precision']}, {r['seconds']:.1f} s), "
-                      f"held-out loss {r['heldout_loss']:.4f}, peak RSS {r['peak_rss_mib']:.0f} MiB, "
+                      f"held-out loss {r['heldout_loss']:.4f}, peak RSS {r['peak_rss_mib']:.0f} MiB, GPU "
+                      f"{fmt_mib(r['gpu_peak_mib'])} MiB, "
                       f"cpu util {100 * r['cpu_util']:.0f}%", flush=True)
     print("\nrun         tokens/s (mean)   held-out loss per seed            mean")
     for name in runs:
@@ -216,14 +236,17 @@ def main() -> None:
         losses = [r["heldout_loss"] for r in rs]
         print(f"{name:>10}  {statistics.mean(r['tokens_per_s'] for r in rs):14.0f}   "
               f"{', '.join(f'{x:.4f}' for x in losses):32s}  {statistics.mean(losses):.4f}")
-    warn_if_shared({f"{n} seed {s}": results[n][s]["cpu_util"] for n in runs for s in seeds})
+    if a.device == "cpu":
+        warn_if_shared({f"{n} seed {s}": results[n][s]["cpu_util"] for n in runs for s in seeds})
     for ours in (r for r in runs if r in TUNEFORGE_EXTRA):
         tf = statistics.mean(results[ours][s]["tokens_per_s"] for s in seeds)
         for name in ("hf-default", "hf-bf16", "hf-bf16-alloc"):
             if name in runs:
                 print(f"{ours} / {name}: {tf / statistics.mean(results[name][s]['tokens_per_s'] for s in seeds):.2f}x")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"args": vars(a) | {"work": None}, "results": results}, indent=2, default=str) + "\n")
+    out = results_path(RESULTS, a.device)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(a) | {"work": None}, "gpu": gpu_name(a.device), "results": results},
+                              indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,10 @@ allocator) and ``tuneforge``.
 * **held-out loss**: mean NLL per response token on the held-out examples, computed for every run by the
   same code (tuneforge's `evaluate_lm` on the same rows), plus the base model's before training.
 
-    python benchmarks/bench_sft.py [--train-examples 160] [--max-length 512] [--batch-size 4]
+    python benchmarks/bench_sft.py [--train-examples 160] [--max-length 512] [--batch-size 4] [--device auto]
+
+``--device auto`` trains on CUDA when present (TRL without ``use_cpu``; tuneforge ``train.device=cuda``; the
+held-out loss computed there too); results then go to ``results/sft-cuda.json`` with each run's peak GPU memory.
 """
 
 from __future__ import annotations
@@ -39,7 +42,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import cpu_util, peak_rss_mib, warn_if_shared
+from _common import (
+    add_device_arg,
+    cpu_util,
+    device_peak_mib,
+    fmt_mib,
+    gpu_name,
+    peak_rss_mib,
+    pick_device,
+    results_path,
+    synchronize,
+    warn_if_shared,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
@@ -74,7 +88,8 @@ def _overrides(a: argparse.Namespace) -> list[str]:
             f"data.validation={a.work / 'val.jsonl'}", f"data.max_length={a.max_length}",
             f"train.batch_size={a.batch_size}", "train.epochs=1", f"train.lr={a.lr}", "train.schedule=linear",
             "train.warmup_steps=0", "train.weight_decay=0", "train.max_grad_norm=1.0", f"train.seed={a.seed}",
-            "train.tensorboard=false", "train.eval_batch_size=8", f"output_dir={a.work / ('tf-' + str(a.one))}",
+            "train.tensorboard=false", "train.eval_batch_size=8", f"train.device={a.device}",
+            f"output_dir={a.work / ('tf-' + str(a.one))}",
             *a.tuneforge_override]
 
 
@@ -89,7 +104,8 @@ def heldout_loss(model, tokenizer, a: argparse.Namespace) -> float:
     objective = SftObjective(run)
     data = objective.load_data(run)
     rows = objective.prepare(data.splits["validation"], tokenizer, run)
-    return evaluate_lm(model, rows, batch_size=8, runtime=Runtime.cpu("bf16"))["loss"]
+    runtime = Runtime.cpu("bf16") if a.device == "cpu" else Runtime.create(a.device, "bf16")
+    return evaluate_lm(runtime.move(model), rows, batch_size=8, runtime=runtime)["loss"]
 
 
 def child_trl(a: argparse.Namespace, gc: bool) -> dict:
@@ -117,12 +133,13 @@ def child_trl(a: argparse.Namespace, gc: bool) -> dict:
             self.begin, self.cpu = time.perf_counter(), time.process_time()
 
         def on_train_end(self, *_, **__):
+            synchronize(a.device)
             self.end, self.cpu = time.perf_counter(), time.process_time() - self.cpu
 
     cfg = SFTConfig(output_dir=str(a.work / f"run-{a.one}"), per_device_train_batch_size=a.batch_size,
                     num_train_epochs=1, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0,
                     weight_decay=0.0, max_grad_norm=1.0, max_length=a.max_length, packing=True,
-                    gradient_checkpointing=gc, use_cpu=True, seed=a.seed, report_to="none", save_strategy="no",
+                    gradient_checkpointing=gc, use_cpu=a.device == "cpu", seed=a.seed, report_to="none", save_strategy="no",
                     logging_steps=10**6, disable_tqdm=True, dataloader_num_workers=0)
     peft_cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                           target_modules="all-linear", task_type="CAUSAL_LM")
@@ -153,6 +170,7 @@ def child_tuneforge(a: argparse.Namespace) -> dict:
             try:
                 return fn(*args, **kwargs)
             finally:
+                synchronize(a.device)
                 spent[key] += time.perf_counter() - t0
                 spent[key + "_cpu"] += time.process_time() - c0
         return wrapper
@@ -178,7 +196,7 @@ def child_tuneforge(a: argparse.Namespace) -> dict:
 def run_child(name: str, a: argparse.Namespace, base_loss: bool) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--work", str(a.work), "--max-length", str(a.max_length),
            "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--train-examples", str(a.train_examples),
-           "--seed", str(a.seed), *(f"--tuneforge-override={o}" for o in a.tuneforge_override)]
+           "--seed", str(a.seed), "--device", a.device, *(f"--tuneforge-override={o}" for o in a.tuneforge_override)]
     if base_loss:
         cmd.append("--base-loss")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
@@ -201,14 +219,16 @@ def main() -> None:
     p.add_argument("--one", choices=RUNS, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--base-loss", action="store_true", help=argparse.SUPPRESS)
+    add_device_arg(p)
     a = p.parse_args()
+    a.device = pick_device(a.device)
     if a.one:
         if a.one == "trl-no-gc-alloc":
             from tuneforge.engine.allocator import tune_cpu_allocator
 
             tune_cpu_allocator()
         res = child_tuneforge(a) if a.one == "tuneforge" else child_trl(a, gc=a.one == "trl-default")
-        print("RESULT " + json.dumps(res | {"peak_rss_mib": peak_rss_mib()}))
+        print("RESULT " + json.dumps(res | {"peak_rss_mib": peak_rss_mib(), "gpu_peak_mib": device_peak_mib(a.device)}))
         return
     if not DATA.is_file():
         sys.exit(f"{DATA} not found (the shared data folder)")
@@ -218,7 +238,8 @@ def main() -> None:
     from tuneforge.models import resolve_model
 
     resolve_model("smollm2-135m")  # converts the bundled GGUF once, outside every timing
-    print(f"load average at start: {os.getloadavg()[0]:.2f} (timings need an idle machine)", flush=True)
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (timings need an idle machine); device {a.device}"
+          f"{' (' + gpu_name(a.device) + ')' if a.device != 'cpu' else ''}", flush=True)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         a.work = Path(tmp)
@@ -233,16 +254,18 @@ def main() -> None:
                 print(f"base model held-out response loss: {r['base_heldout_loss']:.4f}", flush=True)
             print(f"{name:>12}: {r['tokens_per_s']:7.0f} tokens/s ({r['tokens']} tokens in {r['rows']} rows, "
                   f"{r['steps']} steps, {r['loop_s']:.0f} s), held-out loss {r['heldout_loss']:.4f}, peak RSS "
-                  f"{r['peak_rss_mib']:.0f} MiB, cpu util {100 * r['cpu_util']:.0f}%", flush=True)
-    warn_if_shared({name: results[name]["cpu_util"] for name in runs})
+                  f"{r['peak_rss_mib']:.0f} MiB, GPU {fmt_mib(r['gpu_peak_mib'])} MiB, cpu util {100 * r['cpu_util']:.0f}%", flush=True)
+    if a.device == "cpu":
+        warn_if_shared({name: results[name]["cpu_util"] for name in runs})
     if "tuneforge" in results:
         for name in ("trl-default", "trl-no-gc", "trl-no-gc-alloc"):
             if name in results:
                 ratio = results["tuneforge"]["tokens_per_s"] / results[name]["tokens_per_s"]
                 dl = results["tuneforge"]["heldout_loss"] - results[name]["heldout_loss"]
                 print(f"tuneforge / {name}: {ratio:.2f}x tokens/s, held-out loss {dl:+.4f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    out = RESULTS if a.seed == 0 else RESULTS.with_name(f"sft-seed{a.seed}.json")
+    base = results_path(RESULTS, a.device)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    out = base if a.seed == 0 else base.with_name(f"{base.stem}-seed{a.seed}.json")
     out.write_text(json.dumps({"args": {k: v for k, v in vars(a).items() if k not in ("one", "work")},
                                    "info": info, "results": results}, indent=2, default=str) + "\n")
 
