@@ -164,7 +164,8 @@ def test_evaluation_of_a_trained_head_runs_fused_with_the_same_loss(tmp_path: Pa
         assert built.model.get_output_embeddings().weight.requires_grad
         assert objective.fused_head(built.model) is None  # training: the head's gradient needs the projection
         calls.clear()
-        losses[fused] = objective.evaluate(built.model, batches, batch_size=4, runtime=Runtime.for_run(run.train))
+        runtime = Runtime.for_run(run.train)  # CUDA when present: the model goes where the batches go
+        losses[fused] = objective.evaluate(runtime.move(built.model), batches, batch_size=4, runtime=runtime)
         assert bool(calls) is fused
     assert losses[True]["tokens"] == losses[False]["tokens"] > 0
     assert losses[True]["loss"] == pytest.approx(losses[False]["loss"], rel=1e-6)

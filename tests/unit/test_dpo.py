@@ -83,11 +83,11 @@ def test_live_reference_stays_the_base_while_the_policy_trains(pairs, method: st
     """The method's `Reference` bound with ``use_reference`` gives the base's log-probs (= the ones precomputed
     from the freshly loaded model) after the policy moved; the policy's own log-probs have moved away from
     them, so a reference that were the trained policy fails the first assertion."""
-    run, objective, data, _, wired = _wired(pairs, f"method={method}", f"model={MODEL.get(method, 'tiny-llama')}")
+    run, objective, data, runtime, wired = _wired(pairs, f"method={method}", f"model={MODEL.get(method, 'tiny-llama')}")
     model = wired.model
     objective.use_reference(wired.method.reference(model))
     batches = objective.prepare(data.splits["train"], wired.built.tokenizer, run)
-    batch = batches.collate(list(range(8)))
+    batch = runtime.to_device(batches.collate(list(range(8))))  # where wire put the model (CUDA when present)
     base = batch["ref_logps"].T.reshape(-1)  # precomputed in build with the model before the method
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     for _ in range(3):
@@ -174,7 +174,7 @@ def test_fused_output_layer_gives_the_same_dpo_loss_and_gradients(pairs, precisi
         for p in wired.model.parameters():
             if p.requires_grad:
                 p.data.normal_(0, 0.05)
-        batch = objective.prepare(data.splits["train"], wired.built.tokenizer, run).collate(list(range(8)))
+        batch = runtime.to_device(objective.prepare(data.splits["train"], wired.built.tokenizer, run).collate(list(range(8))))
         with runtime.autocast():
             out = objective.forward(wired.model, batch)
             loss = objective.loss(out, batch)

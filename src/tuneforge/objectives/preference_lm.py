@@ -93,10 +93,12 @@ def response_logps(model: nn.Module, batch: dict[str, torch.Tensor], fused_head:
         token_logps = -out.nll
     else:
         token_logps = -F.cross_entropy(out.logits.float(), out.targets, reduction="none")
-    rows = (batch["labels"][:, 1:] != IGNORE_INDEX).nonzero()[:, 0]  # lm_forward keeps this row-major order
-    n = batch["labels"].shape[0]
-    logps = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps)
-    return out, logps, torch.bincount(rows, minlength=n)
+    # Per-row sums through a dense [R, T-1] (lm_forward keeps the scored positions in this row-major order), not
+    # index_add: on CUDA index_add accumulates with atomics in no fixed order, so the reference log-probs and an
+    # untrained policy's, or a run and its resumed copy, would differ in the last bits.
+    scored = batch["labels"][:, 1:] != IGNORE_INDEX
+    dense = torch.zeros(scored.shape, dtype=token_logps.dtype, device=token_logps.device)
+    return out, dense.masked_scatter(scored, token_logps).sum(1), scored.sum(1)
 
 
 class PreferenceLMObjective:
