@@ -11,6 +11,8 @@ Each run is a fresh subprocess that reports its own peak RSS and timings as JSON
   to show what part of the ratio is the allocator.
 * ``tuneforge``:  ``tuneforge.pipeline.train`` at its defaults (precision auto, group_by_length on,
   fast_dropout on, tune_allocator on).
+* ``tuneforge-dense``: the same with ``train.embedding_row_grads=false`` (torch's dense word-embedding
+  gradient instead of exact row gradients: what that default saves).
 * ``tuneforge-sparse``: the same plus ``train.sparse_embeddings=true`` (row-sparse word-embedding updates).
 * ``tuneforge-compile``: the same plus ``train.compile=blocks`` (regional torch.compile; the time includes compiling).
 
@@ -55,9 +57,10 @@ from _common import (
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2"
 RESULTS = ROOT / "benchmarks" / "results" / "classification.json"
-RUNS = ("hf-default", "hf-tuned", "hf-tuned-alloc", "tuneforge", "tuneforge-sparse", "tuneforge-compile")
-TUNEFORGE_EXTRA = {"tuneforge": [], "tuneforge-sparse": ["train.sparse_embeddings=true"],
-                   "tuneforge-compile": ["train.compile=blocks"]}
+RUNS = ("hf-default", "hf-tuned", "hf-tuned-alloc", "tuneforge", "tuneforge-dense", "tuneforge-sparse",
+        "tuneforge-compile")
+TUNEFORGE_EXTRA = {"tuneforge": [], "tuneforge-dense": ["train.embedding_row_grads=false"],
+                   "tuneforge-sparse": ["train.sparse_embeddings=true"], "tuneforge-compile": ["train.compile=blocks"]}
 LR, WD, CLIP, MAX_LEN, WARMUP_RATIO = 5e-5, 0.01, 1.0, 128, 0.06
 
 

@@ -1,9 +1,12 @@
-"""``train.sparse_embeddings``: row-sparse word-embedding gradients and lazy AdamW (`engine.sparse_rows`).
+"""``train.sparse_embeddings``: row-sparse word-embedding gradients and lazy AdamW (`engine.sparse_rows`);
+``train.embedding_row_grads``: the same row gradients scattered into a kept dense one for dense AdamW.
 
 Against torch as the reference: the clipping equals ``clip_grad_norm_`` on the dense gradient; a step whose
 batch uses every row equals fused dense AdamW; on a step that leaves rows out the used rows still equal dense
 AdamW and the unused ones keep their weights (dense AdamW would have decayed them by ``lr x wd``, the bounded
 difference the option documents). End to end: a run learns, resumes exactly, and bad combinations name the key.
+Exact row gradients equal dense AdamW on steps that leave rows out, and a run with them tracks the dense run
+to float rounding, resumes bit for bit, and stays off where it does not apply.
 """
 
 from __future__ import annotations
@@ -19,7 +22,12 @@ from torch import nn
 
 from conftest import interrupt_after_checkpoint
 from tuneforge.config import load_config
-from tuneforge.engine.sparse_rows import RowSparseAdamW, clip_grad_norm, enable_sparse_embedding
+from tuneforge.engine.sparse_rows import (
+    DenseRowsAdamW,
+    RowSparseAdamW,
+    clip_grad_norm,
+    enable_sparse_embedding,
+)
 from tuneforge.errors import ConfigError
 from tuneforge.pipeline import train
 
@@ -41,20 +49,21 @@ class _Bag(nn.Module):
         return self.out(self.emb(ids).mean(1))
 
 
-def _pair(sparse: bool) -> tuple[_Bag, torch.optim.Optimizer]:
+def _pair(sparse: bool, exact: bool = False) -> tuple[_Bag, torch.optim.Optimizer]:
     torch.manual_seed(0)
     model = _Bag()
     if sparse:
         enable_sparse_embedding(model)
     groups = [{"params": [model.emb.weight, model.out.weight], "lr": LR, "weight_decay": WD},
               {"params": [model.out.bias], "lr": LR, "weight_decay": 0.0}]
-    opt = RowSparseAdamW(groups) if sparse else torch.optim.AdamW(groups, fused=True)
-    return model, opt
+    if not sparse:
+        return model, torch.optim.AdamW(groups, fused=True)
+    return model, DenseRowsAdamW(groups) if exact else RowSparseAdamW(groups)
 
 
-def _step(model: _Bag, opt: torch.optim.Optimizer, ids: torch.Tensor, sparse: bool) -> float:
+def _step(model: _Bag, opt: torch.optim.Optimizer, ids: torch.Tensor, sparse: bool, scale: float = 1.0) -> float:
     y = torch.tensor([0, 1, 1, 0])[: len(ids)]
-    nn.functional.cross_entropy(model(ids), y).backward()
+    nn.functional.cross_entropy(model(ids), y).mul(scale).backward()
     params = list(model.parameters())
     norm = clip_grad_norm(params, 0.5) if sparse else torch.nn.utils.clip_grad_norm_(params, 0.5)
     opt.step()
@@ -162,3 +171,82 @@ def test_norm_without_clipping_and_without_gradients() -> None:
     dense = torch.cat([p.grad.to_dense().flatten() for p in model.parameters()])
     assert float(norm) == pytest.approx(float(dense.norm()), rel=1e-6)
     assert torch.equal(model.emb.weight.grad._values(), before)  # nothing scaled
+
+
+# --------------------------------------------------------------------------- exact row gradients
+
+
+def test_exact_row_gradients_equal_dense_adamw_on_steps_leaving_rows_out() -> None:
+    """Each step uses rows the previous one did not (a kept gradient that still held the old rows would
+    move them again) with the clip active; every parameter and AdamW moment ends equal to dense AdamW's,
+    the rows no step used included (decayed and moved by their momentum as dense AdamW does)."""
+    batches = [torch.tensor([[1, 2, 2], [5, 1, 7]]), torch.tensor([[0, 3, 3], [4, 6, 0]]),
+               torch.tensor([[8, 9, 1], [10, 2, 8]])]
+    (dense, dopt), (rows, ropt) = _pair(False), _pair(True, exact=True)
+    start = dense.emb.weight.detach().clone()
+    for ids in batches:
+        n_dense = _step(dense, dopt, ids, False, scale=30)
+        n_rows = _step(rows, ropt, ids, True, scale=30)
+        assert n_dense > 0.5 and n_rows == pytest.approx(n_dense, rel=1e-6)  # clipped, by the same factor
+    for p, q in zip(dense.parameters(), rows.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(ropt.state[rows.emb.weight][key], dopt.state[dense.emb.weight][key],
+                                   rtol=0, atol=1e-7)
+    assert not torch.equal(rows.emb.weight[1], start[1])  # the rows moved at all
+    assert torch.allclose(rows.emb.weight[11], start[11] * (1 - LR * WD) ** 3, atol=1e-7)  # never used: decay only
+
+
+def _densify_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = DenseRowsAdamW._densify
+
+    def spy(self, p, grad):
+        calls.append(int(grad._nnz()))
+        return original(self, p, grad)
+
+    monkeypatch.setattr(DenseRowsAdamW, "_densify", spy)
+    return calls
+
+
+def test_run_with_exact_row_gradients_tracks_the_dense_run_and_resumes_bit_for_bit(
+        tmp_path: Path, tiny_csv: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """tiny-bert full fine-tuning (the default ``train.embedding_row_grads=true`` applies): per-step losses
+    within 1e-5 of ``train.embedding_row_grads=false`` and weights within 1e-5 after 8 steps with clipping;
+    an interrupted run resumed from its step-4 checkpoint ends with exactly the uninterrupted weights."""
+    from tuneforge.track import read_metrics
+
+    calls = _densify_calls(monkeypatch)
+    data = tiny_csv(rows=[("good great fun", "pos"), ("bad awful boring", "neg"), ("fine okay", "pos")] * 20)
+    args = ("train.sparse_embeddings=false", "train.lr=5e-3", "train.max_steps=8", "train.save_steps=4",
+            "train.eval_steps=4", "train.warmup_steps=0", "train.max_grad_norm=0.5")
+    rows = _run(tmp_path, data, *args, name="rows")
+    assert len(calls) == 8 and 0 < max(calls) < 200  # one scatter per step, of a few rows of the vocabulary
+    dense = _run(tmp_path, data, *args, "train.embedding_row_grads=false", name="dense")
+    assert len(calls) == 8
+    losses = [[r["loss"] for r in read_metrics(x.run_dir) if r.get("split") == "train" and "loss" in r]
+              for x in (rows, dense)]
+    assert len(losses[0]) == 8 and max(abs(x - y) for x, y in zip(*losses, strict=True)) < 1e-5
+    wr = load_file(str(rows.run_dir / "model" / "model.safetensors"))
+    wd = load_file(str(dense.run_dir / "model" / "model.safetensors"))
+    assert all(torch.allclose(wr[k], wd[k], atol=1e-5) for k in wr)
+    interrupt_after_checkpoint(lambda: _run(tmp_path, data, *args, name="cut"))
+    cut = train(load_config(tmp_path / "cut" / "config.yaml"), resume=True, quiet=True)
+    wc = load_file(str(cut.run_dir / "model" / "model.safetensors"))
+    assert all(torch.equal(wr[k], wc[k]) for k in wr)
+
+
+@pytest.mark.parametrize("overrides", [("model=tiny-gpt2", "task=clm"), ("method=lora",),
+                                       ("train.optimizer=adafactor",)])
+def test_exact_row_gradients_stay_off_where_they_do_not_apply(
+        tmp_path: Path, tiny_csv: Callable[..., Path], monkeypatch: pytest.MonkeyPatch,
+        overrides: tuple[str, ...]) -> None:
+    """A tied LM head, a frozen embedding, another optimizer: the dense gradient, no error (it is a default)."""
+    calls = _densify_calls(monkeypatch)
+    if "task=clm" in overrides:
+        data = tmp_path / "text.txt"
+        data.write_text("a few words of text to model\n" * 40, encoding="utf-8")
+    else:
+        data = tiny_csv(n=45)
+    _run(tmp_path, data, "train.sparse_embeddings=false", "train.max_steps=2", *overrides)
+    assert calls == []

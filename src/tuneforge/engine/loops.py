@@ -100,6 +100,18 @@ def _check_sparse_embeddings(ctx: LoopContext) -> None:
                           key=key)
 
 
+def _row_grads_apply(ctx: LoopContext) -> bool:
+    """``train.embedding_row_grads`` (exact row gradients, `engine.sparse_rows`) applies here: on by default,
+    so where it does not fit it is silently left off (the dense gradient is the same math)."""
+    from tuneforge.engine.sparse_rows import row_grads_apply
+
+    cfg, rt = ctx.cfg, ctx.runtime
+    return (cfg.embedding_row_grads and not cfg.sparse_embeddings and rt.world_size == 1
+            and rt.device.type == "cpu" and rt.precision != "fp16" and cfg.optimizer == "adamw"
+            and cfg.compile != "model" and not ctx.extensions and (ctx.module is None or ctx.module is ctx.model)
+            and row_grads_apply(ctx.model))
+
+
 class LoopBase:
     """The engine pieces wired once: optimizer, schedule, stepper, eval tracker, checkpoint/resume.
 
@@ -117,8 +129,10 @@ class LoopBase:
         self.train_data, self.eval_data, self.logger, self.quiet = ctx.train_data, ctx.eval_data, ctx.logger, ctx.quiet
         self.extensions = list(ctx.extensions)
         self.ckpt_root = ctx.run_dir / "checkpoints"
+        self.row_grads = _row_grads_apply(ctx)
         if ctx.cfg.sparse_embeddings:
             _check_sparse_embeddings(ctx)
+        if ctx.cfg.sparse_embeddings or self.row_grads:
             from tuneforge.engine.sparse_rows import enable_sparse_embedding
 
             enable_sparse_embedding(self.model)
@@ -130,7 +144,7 @@ class LoopBase:
             from tuneforge.engine.compile import apply_compile
 
             apply_compile(self.model, ctx.cfg.compile)
-        self.optimizer = build_optimizer(ctx.groups, ctx.cfg)
+        self.optimizer = build_optimizer(ctx.groups, ctx.cfg, row_grads=self.row_grads)
         self.scheduler = build_scheduler(self.optimizer, ctx.cfg, self.total_steps)
         self.params = [p for g in ctx.groups for p in g["params"]]
         self.shards: Any = None  # what writes a partitioned optimizer state into each checkpoint (DeepSpeed)
@@ -141,7 +155,8 @@ class LoopBase:
                                                           ctx.runtime, self.ckpt_root)
             self.module = self.stepper.engine
         else:
-            self.stepper = Stepper(self.optimizer, self.scheduler, self.params, ctx.cfg, ctx.runtime, self.ckpt_root)
+            self.stepper = Stepper(self.optimizer, self.scheduler, self.params, ctx.cfg, ctx.runtime, self.ckpt_root,
+                                   sparse_grads=ctx.cfg.sparse_embeddings or self.row_grads)
         self.tracker = EvalTracker(ctx.objective, ctx.eval_data, ctx.cfg, ctx.runtime, ctx.metric,
                                    ctx.greater_is_better, ctx.quiet, self.extensions)
         self.state = TrainerState(total_steps=self.total_steps)

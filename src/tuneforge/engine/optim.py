@@ -54,7 +54,8 @@ def param_groups(
     ]
 
 
-def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig, *, row_grads: bool = False
+                    ) -> torch.optim.Optimizer:
     """``train.optimizer`` over ``groups`` (the ``names`` key is kept for inspection and ignored by torch).
 
     AdamW uses the fused kernel: one pass over parameter, gradient and both moments; on CPU it is ~7x
@@ -78,6 +79,10 @@ def build_optimizer(groups: list[dict[str, Any]], cfg: TrainConfig) -> torch.opt
         from tuneforge.engine.sparse_rows import RowSparseAdamW
 
         return RowSparseAdamW(groups, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    if row_grads:  # exact row gradients of the word embedding, dense AdamW (`engine.sparse_rows`)
+        from tuneforge.engine.sparse_rows import DenseRowsAdamW
+
+        return DenseRowsAdamW(groups, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
     return torch.optim.AdamW(groups, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, fused=True)
 
 

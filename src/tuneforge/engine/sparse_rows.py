@@ -19,6 +19,16 @@ What it changes, and what it does not (``tests/unit/test_sparse_embeddings.py``)
 
 No library offers this for AdamW with weight decay (torch's ``SparseAdam`` has no weight decay and no fused
 kernel; TF's ``LazyAdam`` is not torch), hence this module, built on torch's own fused AdamW kernel.
+
+**Exact row gradients** (``train.embedding_row_grads``, on by default where they apply, `row_grads_apply`)
+keep dense AdamW and save only the gradient's bookkeeping: the embedding still returns the looked-up rows,
+clipping takes their norm, and `DenseRowsAdamW` scatters them into a dense gradient kept from step to step
+(the rows the previous step wrote are zeroed first), so every row gets AdamW's update, decay and momentum
+as before. What is skipped is zero-filling the whole [vocab, hidden] gradient every step, its norm and its
+scaling by the clip factor (MiniLM-L6 on 2 CPU cores: 7.7 + 2.9 + 1.8 ms of a ~117 ms step; 1.08x on
+``bench_classification.py``). The update is AdamW's on the same gradient; the clip factor's norm is summed
+in another order, so runs agree with the dense path to float rounding, not bit for bit
+(`tests/unit/test_sparse_embeddings.py` bounds it).
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from torch import nn
 
 from tuneforge.errors import ConfigError
 
-__all__ = ["RowSparseAdamW", "clip_grad_norm", "enable_sparse_embedding"]
+__all__ = ["DenseRowsAdamW", "RowSparseAdamW", "clip_grad_norm", "enable_sparse_embedding", "row_grads_apply"]
 
 
 def enable_sparse_embedding(model: nn.Module) -> nn.Parameter:
@@ -51,6 +61,17 @@ def enable_sparse_embedding(model: nn.Module) -> nn.Parameter:
                           "sparse updates would save nothing", key=key)
     emb.sparse = True
     return emb.weight
+
+
+def row_grads_apply(model: nn.Module) -> bool:
+    """Whether ``model``'s input embedding can return row gradients for `DenseRowsAdamW`: a plain, trainable
+    ``nn.Embedding`` (not a subclass such as a fake-quantised one), without ``max_norm``, not tied to the
+    output layer. The loop checks the rest (one process, AdamW, CPU, no extensions)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if type(emb) is not nn.Embedding or not emb.weight.requires_grad or emb.max_norm is not None or emb.sparse:
+        return False
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return out is None or getattr(out, "weight", None) is not emb.weight
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
@@ -123,3 +144,32 @@ class RowSparseAdamW(torch.optim.AdamW):
         p.index_copy_(0, rows, weights)
         state["exp_avg"].index_copy_(0, rows, m)
         state["exp_avg_sq"].index_copy_(0, rows, v)
+
+
+class DenseRowsAdamW(torch.optim.AdamW):
+    """Fused AdamW; a sparse (row) gradient is scattered into a dense one kept per parameter first, so the
+    update is dense AdamW's (module docstring, "exact row gradients")."""
+
+    def __init__(self, params: Any, **kwargs: Any):
+        super().__init__(params, fused=True, **kwargs)
+        self._dense: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    p.grad = self._densify(p, p.grad.coalesce())
+        return super().step(closure)
+
+    def _densify(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The kept dense gradient of ``p`` holding ``grad``'s rows (zero elsewhere)."""
+        dense, written = self._dense.get(p, (None, None))
+        if dense is None:
+            dense = torch.zeros_like(p)
+        elif written is not None:
+            dense.index_fill_(0, written, 0)  # the previous step's rows; every other row is still zero
+        rows = grad._indices()[0]
+        dense.index_copy_(0, rows, grad._values().to(dense.dtype))
+        self._dense[p] = (dense, rows)
+        return dense

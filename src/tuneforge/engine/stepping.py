@@ -57,8 +57,9 @@ class Stepper:
     """Backward passes of micro-batches, then one guarded optimizer + scheduler step."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any, params: list[torch.Tensor],
-                 cfg: TrainConfig, runtime: Runtime, ckpt_root: Path):
+                 cfg: TrainConfig, runtime: Runtime, ckpt_root: Path, *, sparse_grads: bool = False):
         self.optimizer, self.scheduler, self.params, self.cfg = optimizer, scheduler, params, cfg
+        self.sparse_grads = sparse_grads  # a row-sparse embedding gradient among params (`engine.sparse_rows`)
         self.scaler = runtime.grad_scaler()
         self.policy = NonFinitePolicy(cfg, ckpt_root, say=runtime.is_main)
         self.last_grad_norm: float | None = None
@@ -81,7 +82,7 @@ class Stepper:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             # The norm is needed anyway to catch NaN/inf gradients behind a finite loss.
-            if self.cfg.sparse_embeddings:  # a sparse (row) gradient among them
+            if self.sparse_grads:
                 grad_norm = float(clip_grad_norm(self.params, self.cfg.max_grad_norm))
             elif self.cfg.max_grad_norm:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
