@@ -14,6 +14,8 @@ Each run is a fresh subprocess that reports its own peak RSS and timings as JSON
 * ``tuneforge-dense``: the same with ``train.embedding_row_grads=false`` (torch's dense word-embedding
   gradient instead of exact row gradients: what that default saves).
 * ``tuneforge-sparse``: the same plus ``train.sparse_embeddings=true`` (row-sparse word-embedding updates).
+* ``tuneforge-fp32``: the same with ``train.precision=fp32`` (no autocast; on an H100 the fp32 Trainer was
+  2.6x faster than the bf16 one on this small model, see benchmarks/README.md).
 * ``tuneforge-compile``: the same plus ``train.compile=blocks`` (regional torch.compile; the time includes compiling).
 
 Headline throughput = training samples / wall time of the training loop (every batch's data loading /
@@ -58,9 +60,10 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2"
 RESULTS = ROOT / "benchmarks" / "results" / "classification.json"
 RUNS = ("hf-default", "hf-tuned", "hf-tuned-alloc", "tuneforge", "tuneforge-dense", "tuneforge-sparse",
-        "tuneforge-compile")
+        "tuneforge-fp32", "tuneforge-compile")
 TUNEFORGE_EXTRA = {"tuneforge": [], "tuneforge-dense": ["train.embedding_row_grads=false"],
-                   "tuneforge-sparse": ["train.sparse_embeddings=true"], "tuneforge-compile": ["train.compile=blocks"]}
+                   "tuneforge-sparse": ["train.sparse_embeddings=true"], "tuneforge-fp32": ["train.precision=fp32"],
+                   "tuneforge-compile": ["train.compile=blocks"]}
 LR, WD, CLIP, MAX_LEN, WARMUP_RATIO = 5e-5, 0.01, 1.0, 128, 0.06
 
 

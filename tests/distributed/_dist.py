@@ -19,8 +19,11 @@ from _common import cli_env, sentiment_rows, write_csv  # noqa: E402
 
 TIMEOUT = 600  # seconds per launch: a tiny run takes ~15 s idle, but 300+ s were measured on the 2 shared cores
 # under a load average of 12-16 (interpreter start and imports); a hang still fails here
+# embedding_row_grads off: ranks take the dense embedding gradient (row gradients are single-process), so the
+# one-process references here must too; the two paths agree to float rounding only, which lr 1e-2 over 16 steps
+# grows past these tests' 5e-5 bounds (tests/unit/test_sparse_embeddings.py bounds that difference itself)
 COMMON = ["data.train=train.csv", "data.validation=val.csv", "train.precision=fp32", "train.log_steps=1",
-          "train.lr=1e-2", "train.tensorboard=false"]
+          "train.lr=1e-2", "train.tensorboard=false", "train.embedding_row_grads=false"]
 ARGS = ["model=bert", *COMMON, "train.max_steps=16", "train.save_steps=4", "train.eval_steps=100"]
 
 
