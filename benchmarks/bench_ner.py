@@ -165,6 +165,7 @@ def child_tuneforge(a: argparse.Namespace) -> dict:
         f"train.batch_size={a.batch_size}", f"train.lr={a.lr}", "train.warmup_steps=0",
         f"train.weight_decay={WD}", f"train.max_grad_norm={CLIP}", f"train.seed={a.seed}",
         "train.tensorboard=false", f"output_dir={a.workdir}",
+        *a.tuneforge_override,
     ])
     m = train(cfg, overwrite=True, quiet=True).metrics
     tr = m["train"]
@@ -180,6 +181,7 @@ def run_child(name: str, a: argparse.Namespace, work: Path) -> dict:
            "--workdir", str(work / name), "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--seed", str(a.seed)]
     if a.hf_group_by_length:
         cmd.append("--hf-group-by-length")
+    cmd += [f"--tuneforge-override={o}" for o in a.tuneforge_override]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -195,6 +197,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--hf-group-by-length", action="store_true")
+    p.add_argument("--tuneforge-override", action="append", default=[], metavar="K=V",
+                   help="extra tuneforge setting (repeatable), e.g. train.embedding_row_grads=false")
     p.add_argument("--child", choices=("hf", "tuneforge"))
     p.add_argument("--train-file", default="")
     p.add_argument("--dev-file", default="")
