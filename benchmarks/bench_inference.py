@@ -107,7 +107,7 @@ def run_predict(name: str, a: argparse.Namespace) -> dict:
 
         # what `tuneforge predict` (inference.predict_texts) runs, with loading timed apart as for the pipeline
         t0 = time.perf_counter()
-        run = load_run(a.run, [f"train.device={a.device}"])
+        run = load_run(a.run, [f"train.device={a.device}", *a.tuneforge_override])
         objective, built, runtime, batch_size = _runtime(run, a.run)
         load_seconds = time.perf_counter() - t0
         with cpu_clock() as clock:
@@ -180,7 +180,7 @@ def run_generate(name: str, a: argparse.Namespace) -> dict:
 def _child(name: str, a: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--rows", str(a.rows), "--prompts", str(a.prompts),
            "--max-new-tokens", str(a.max_new_tokens), "--gen-batch", str(a.gen_batch), "--hf-batch", str(a.hf_batch),
-           "--device", a.device]
+           "--device", a.device, *(f"--tuneforge-override={o}" for o in a.tuneforge_override)]
     if a.run is not None:
         cmd += ["--run", str(a.run)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -199,6 +199,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--gen-batch", type=int, default=8)
     p.add_argument("--only", choices=("predict", "generate"))
+    p.add_argument("--tuneforge-override", action="append", default=[], metavar="K=V",
+                   help="extra setting for tf-predict's run (repeatable), e.g. train.precision=fp32")
     p.add_argument("--one", choices=PREDICT_RUNS + GENERATE_RUNS, help=argparse.SUPPRESS)
     add_device_arg(p)
     a = p.parse_args()
