@@ -92,6 +92,11 @@ def gpu_name(device: str) -> str | None:
     return torch.cuda.get_device_name()
 
 
+def describe_device(device: str) -> str:
+    """``cpu``, or ``cuda (NVIDIA H100 80GB HBM3)``: what the benchmarks print at the start."""
+    return device if device == "cpu" else f"{device} ({gpu_name(device)})"
+
+
 def results_path(path: Path, device: str) -> Path:
     """``results/x.json`` for CPU runs, ``results/x-cuda.json`` for GPU runs (so neither overwrites the other)."""
     return path if device == "cpu" else path.with_name(f"{path.stem}-{device.split(':')[0]}{path.suffix}")

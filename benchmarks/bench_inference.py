@@ -47,6 +47,7 @@ from pathlib import Path
 from _common import (
     add_device_arg,
     cpu_clock,
+    describe_device,
     device_peak_mib,
     fmt_mib,
     gpu_name,
@@ -215,7 +216,7 @@ def main() -> None:
     import os
 
     print(f"load average at start: {os.getloadavg()[0]:.1f} (numbers are only comparable within one invocation); "
-          f"device {a.device}{' (' + gpu_name(a.device) + ')' if a.device != 'cpu' else ''}")
+          f"device {describe_device(a.device)}")
     results: dict[str, dict] = {}
     failure = None
     if a.only in (None, "predict"):

@@ -48,6 +48,7 @@ from pathlib import Path
 from _common import (
     add_device_arg,
     cpu_clock,
+    describe_device,
     device_peak_mib,
     fmt_mib,
     gpu_name,
@@ -210,7 +211,7 @@ def main() -> None:
         sys.exit(f"unknown run {bad[0]!r}; allowed: {', '.join(RUNS)}")
     seeds = [int(s) for s in a.seeds.split(",")]
     print(f"load average at start: {os.getloadavg()[0]:.1f} (compare runs only within one invocation); device "
-          f"{a.device}{' (' + gpu_name(a.device) + ')' if a.device != 'cpu' else ''}", flush=True)
+          f"{describe_device(a.device)}", flush=True)
     results: dict[str, dict[int, dict]] = {name: {} for name in runs}
     passthrough = ["--steps", str(a.steps), "--batch-size", str(a.batch_size), "--block", str(a.block),
                    "--layers", str(a.layers), "--hidden", str(a.hidden), "--heads", str(a.heads), "--device", a.device]

@@ -45,9 +45,9 @@ from pathlib import Path
 from _common import (
     add_device_arg,
     cpu_util,
+    describe_device,
     device_peak_mib,
     fmt_mib,
-    gpu_name,
     peak_rss_mib,
     pick_device,
     results_path,
@@ -238,8 +238,8 @@ def main() -> None:
     from tuneforge.models import resolve_model
 
     resolve_model("smollm2-135m")  # converts the bundled GGUF once, outside every timing
-    print(f"load average at start: {os.getloadavg()[0]:.2f} (timings need an idle machine); device {a.device}"
-          f"{' (' + gpu_name(a.device) + ')' if a.device != 'cpu' else ''}", flush=True)
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (timings need an idle machine); device "
+          f"{describe_device(a.device)}", flush=True)
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         a.work = Path(tmp)

@@ -85,30 +85,36 @@ class Loop(Protocol):
         """Train to the end (or early stop); the last checkpoint is written."""
 
 
-def _check_sparse_embeddings(ctx: LoopContext) -> None:
-    """``train.sparse_embeddings`` needs one process, AdamW and the supervised loop training the model itself."""
-    key = "train.sparse_embeddings"
+def _row_gradient_refusal(ctx: LoopContext) -> str | None:
+    """Why this loop cannot take row gradients of the word embedding (None when it can): they need one process,
+    AdamW, no fp16 and the loop training the model itself."""
     if ctx.runtime.world_size > 1:
-        raise ConfigError("sparse row gradients are single-process only (DDP/FSDP/DeepSpeed reduce dense "
-                          "gradients); set it false under torchrun", key=key)
+        return ("sparse row gradients are single-process only (DDP/FSDP/DeepSpeed reduce dense gradients); set it "
+                "false under torchrun")
     if ctx.cfg.optimizer != "adamw":
-        raise ConfigError(f"needs train.optimizer=adamw (got {ctx.cfg.optimizer})", key=key)
+        return f"needs train.optimizer=adamw (got {ctx.cfg.optimizer})"
     if ctx.module is not None and ctx.module is not ctx.model:
-        raise ConfigError("this method trains a view of the model (cached features), not its embedding", key=key)
+        return "this method trains a view of the model (cached features), not its embedding"
     if ctx.runtime.precision == "fp16":
-        raise ConfigError("not with fp16 (the gradient scaler unscales dense gradients only); use bf16 or fp32",
-                          key=key)
+        return "not with fp16 (the gradient scaler unscales dense gradients only); use bf16 or fp32"
+    return None
+
+
+def _check_sparse_embeddings(ctx: LoopContext) -> None:
+    """``train.sparse_embeddings`` is refused, naming the key, where row gradients cannot be taken."""
+    if why := _row_gradient_refusal(ctx):
+        raise ConfigError(why, key="train.sparse_embeddings")
 
 
 def _row_grads_apply(ctx: LoopContext) -> bool:
     """``train.embedding_row_grads`` (exact row gradients, `engine.sparse_rows`) applies here: on by default,
-    so where it does not fit it is silently left off (the dense gradient is the same math)."""
+    so where it does not fit it is silently left off (the dense gradient is the same math). Measured on CPUs
+    only, and without extensions or whole-model compile, which read or trace the embedding's gradient."""
     from tuneforge.engine.sparse_rows import row_grads_apply
 
-    cfg, rt = ctx.cfg, ctx.runtime
-    return (cfg.embedding_row_grads and not cfg.sparse_embeddings and rt.world_size == 1
-            and rt.device.type == "cpu" and rt.precision != "fp16" and cfg.optimizer == "adamw"
-            and cfg.compile != "model" and not ctx.extensions and (ctx.module is None or ctx.module is ctx.model)
+    cfg = ctx.cfg
+    return (cfg.embedding_row_grads and not cfg.sparse_embeddings and ctx.runtime.device.type == "cpu"
+            and cfg.compile != "model" and not ctx.extensions and _row_gradient_refusal(ctx) is None
             and row_grads_apply(ctx.model))
 
 

@@ -40,38 +40,43 @@ from torch import nn
 
 from tuneforge.errors import ConfigError
 
-__all__ = ["DenseRowsAdamW", "RowSparseAdamW", "clip_grad_norm", "enable_sparse_embedding", "row_grads_apply"]
+__all__ = ["DenseRowsAdamW", "RowSparseAdamW", "clip_grad_norm", "embedding_refusal", "enable_sparse_embedding",
+           "row_grads_apply"]
+
+
+def embedding_refusal(model: nn.Module) -> str | None:
+    """Why ``model``'s input embedding cannot return row gradients (None when it can): it must be a trainable
+    ``nn.Embedding`` whose weight is not tied to the output layer (a tied LM head's gradient is dense anyway)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(emb, nn.Embedding):
+        return "needs a model whose input embedding is an nn.Embedding"
+    if not emb.weight.requires_grad:
+        return "the input embedding does not train with this method (it is frozen); nothing to make sparse"
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None and getattr(out, "weight", None) is emb.weight:
+        return ("the input embedding is tied to the output layer, whose gradient covers every row; sparse updates "
+                "would save nothing")
+    return None
 
 
 def enable_sparse_embedding(model: nn.Module) -> nn.Parameter:
-    """Make ``model``'s input word embedding return sparse (row) gradients; returns its weight.
-
-    Refused (naming ``train.sparse_embeddings``) when the embedding does not train or shares its weight with
-    the output layer (a tied LM head's gradient is dense anyway)."""
-    key = "train.sparse_embeddings"
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if not isinstance(emb, nn.Embedding):
-        raise ConfigError("needs a model whose input embedding is an nn.Embedding", key=key)
-    if not emb.weight.requires_grad:
-        raise ConfigError("the input embedding does not train with this method (it is frozen); nothing to make "
-                          "sparse", key=key)
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if out is not None and getattr(out, "weight", None) is emb.weight:
-        raise ConfigError("the input embedding is tied to the output layer, whose gradient covers every row; "
-                          "sparse updates would save nothing", key=key)
+    """Make ``model``'s input word embedding return sparse (row) gradients; returns its weight. Refused
+    (naming ``train.sparse_embeddings``) for the reasons of `embedding_refusal`."""
+    if why := embedding_refusal(model):
+        raise ConfigError(why, key="train.sparse_embeddings")
+    emb = model.get_input_embeddings()
     emb.sparse = True
     return emb.weight
 
 
 def row_grads_apply(model: nn.Module) -> bool:
-    """Whether ``model``'s input embedding can return row gradients for `DenseRowsAdamW`: a plain, trainable
-    ``nn.Embedding`` (not a subclass such as a fake-quantised one), without ``max_norm``, not tied to the
-    output layer. The loop checks the rest (one process, AdamW, CPU, no extensions)."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if type(emb) is not nn.Embedding or not emb.weight.requires_grad or emb.max_norm is not None or emb.sparse:
+    """Whether `DenseRowsAdamW`'s exact row gradients apply to ``model``'s embedding: `embedding_refusal` has
+    nothing against it, and it is a plain ``nn.Embedding`` (not a subclass such as a fake-quantised one)
+    without ``max_norm``. The loop checks the rest (`engine.loops`)."""
+    if embedding_refusal(model) is not None:
         return False
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return out is None or getattr(out, "weight", None) is not emb.weight
+    emb = model.get_input_embeddings()
+    return type(emb) is nn.Embedding and emb.max_norm is None and not emb.sparse
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float | None) -> torch.Tensor:
