@@ -21,9 +21,11 @@ from torch import nn
 from conftest import interrupt_after_checkpoint
 from tuneforge.config import TrainConfig, load_config
 from tuneforge.engine import (
+    BF16_MIN_SPEEDUP,
     Runtime,
     build_optimizer,
     build_scheduler,
+    cpu_bf16_speedup,
     cpu_has_bf16,
     lr_scale,
     param_groups,
@@ -247,7 +249,7 @@ def test_warmup_ratio_and_clamp() -> None:
 
 # --------------------------------------------------------------------------- precision
 def test_precision_resolution_and_autocast() -> None:
-    assert resolve_precision("auto") == ("bf16" if cpu_has_bf16() else "fp32")
+    assert resolve_precision("auto") == ("bf16" if cpu_bf16_speedup() >= BF16_MIN_SPEEDUP else "fp32")
     assert resolve_precision("fp32") == "fp32"
     assert resolve_precision("bf16") == "bf16"
     lin = nn.Linear(4, 4)

@@ -17,8 +17,10 @@ import torch
 
 from tuneforge.config import load_config
 from tuneforge.engine.runtime import (
+    BF16_MIN_SPEEDUP,
     Runtime,
     available_devices,
+    cpu_bf16_speedup,
     cpu_has_bf16,
     resolve_device,
     resolve_precision,
@@ -52,7 +54,9 @@ def test_device_spelling_is_validated_at_config_time() -> None:
 
 
 def test_precision_per_device() -> None:
-    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_has_bf16() else "fp32")
+    fast = cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
+    assert resolve_precision("auto", "cpu") == ("bf16" if fast else "fp32")
+    assert not fast or cpu_has_bf16()  # never bf16 where it is emulated
     assert resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("auto", "mps") == "fp32"
     with pytest.raises(ConfigError, match="fp16 autocast needs a GPU") as err:
@@ -60,6 +64,29 @@ def test_precision_per_device() -> None:
     assert err.value.key == "train.precision"
     if HAS_CUDA:
         assert resolve_precision("auto", "cuda") == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+
+
+def test_auto_takes_bf16_on_a_cpu_only_where_it_measured_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AMX machine: bf16 6.5x fp32 -> bf16; AVX512-BF16 without AMX: 0.5x -> fp32; close calls stay fp32;
+    an explicit precision is taken as asked without measuring."""
+    import tuneforge.engine.runtime as rt_mod
+
+    for speedup, want in ((6.5, "bf16"), (0.5, "fp32"), (1.1, "fp32"), (BF16_MIN_SPEEDUP, "bf16"), (0.0, "fp32")):
+        monkeypatch.setattr(rt_mod, "cpu_bf16_speedup", lambda s=speedup: s)
+        assert resolve_precision("auto", "cpu") == want, speedup
+        assert Runtime.create("cpu", "auto", tune_allocator=False).precision == want
+
+    def boom() -> float:
+        raise AssertionError("measured although the precision was given")
+
+    monkeypatch.setattr(rt_mod, "cpu_bf16_speedup", boom)
+    assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cpu") == "fp32"
+
+
+def test_bf16_speedup_is_measured_on_this_cpu() -> None:
+    s = cpu_bf16_speedup()
+    assert s == cpu_bf16_speedup()  # once per process
+    assert (s > 0) == cpu_has_bf16() and s < 100
 
 
 def test_autocast_inference_scaler_and_placement_on_cpu() -> None:

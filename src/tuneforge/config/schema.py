@@ -273,8 +273,8 @@ class TrainConfig(StrictModel):
     device: str = Field("auto", description="auto (the best present: cuda, then mps, then cpu) | cpu | cuda | "
                         "cuda:N | mps")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto = bf16 autocast where the device has it (CUDA with bf16, CPUs with "
-        "AVX512-BF16/AMX), fp16 with a grad scaler on older GPUs, else fp32; weights stay fp32")
+        "auto", description="auto = bf16 autocast where it pays (CUDA with bf16; a CPU where a bf16 matmul measures "
+        ">= 1.25x fp32's, e.g. AMX), fp16 with a grad scaler on older GPUs, else fp32; weights stay fp32")
     distributed: Literal["auto", "none", "ddp", "fsdp", "deepspeed"] = Field(
         "auto", description="under torchrun/accelerate (WORLD_SIZE > 1): auto = ddp; batch_size is per rank, the "
         "global batch is batch_size x ranks x grad_accum; fsdp = FSDP2 fully_shard with sharded (DCP) checkpoints; "
