@@ -9,6 +9,8 @@ Each run is a fresh subprocess that reports its own peak RSS and timings as JSON
 * ``hf-tuned``:   the same plus ``bf16=True`` and length-grouped sampling.
 * ``hf-tuned-alloc``: ``hf-tuned`` in a process given tuneforge's malloc settings (`engine.allocator`),
   to show what part of the ratio is the allocator.
+* ``hf-tuned-fp32``: length-grouped sampling without bf16: the best Trainer setting on a CPU where bf16
+  matmuls are slower than fp32 ones (AVX512-BF16 without AMX; see `engine.runtime`).
 * ``tuneforge``:  ``tuneforge.pipeline.train`` at its defaults (precision auto, group_by_length on,
   fast_dropout on, tune_allocator on).
 * ``tuneforge-dense``: the same with ``train.embedding_row_grads=false`` (torch's dense word-embedding
@@ -16,6 +18,7 @@ Each run is a fresh subprocess that reports its own peak RSS and timings as JSON
 * ``tuneforge-sparse``: the same plus ``train.sparse_embeddings=true`` (row-sparse word-embedding updates).
 * ``tuneforge-fp32``: the same with ``train.precision=fp32`` (no autocast; on an H100 the fp32 Trainer was
   2.6x faster than the bf16 one on this small model, see benchmarks/README.md).
+* ``tuneforge-bf16``: the same with ``train.precision=bf16`` (what ``auto`` picks only where bf16 measures faster).
 * ``tuneforge-compile``: the same plus ``train.compile=blocks`` (regional torch.compile; the time includes compiling).
 
 Headline throughput = training samples / wall time of the training loop (every batch's data loading /
@@ -59,11 +62,11 @@ from _common import (
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "sst2"
 RESULTS = ROOT / "benchmarks" / "results" / "classification.json"
-RUNS = ("hf-default", "hf-tuned", "hf-tuned-alloc", "tuneforge", "tuneforge-dense", "tuneforge-sparse",
-        "tuneforge-fp32", "tuneforge-compile")
+RUNS = ("hf-default", "hf-tuned", "hf-tuned-alloc", "hf-tuned-fp32", "tuneforge", "tuneforge-dense",
+        "tuneforge-sparse", "tuneforge-fp32", "tuneforge-bf16", "tuneforge-compile")
 TUNEFORGE_EXTRA = {"tuneforge": [], "tuneforge-dense": ["train.embedding_row_grads=false"],
                    "tuneforge-sparse": ["train.sparse_embeddings=true"], "tuneforge-fp32": ["train.precision=fp32"],
-                   "tuneforge-compile": ["train.compile=blocks"]}
+                   "tuneforge-bf16": ["train.precision=bf16"], "tuneforge-compile": ["train.compile=blocks"]}
 LR, WD, CLIP, MAX_LEN, WARMUP_RATIO = 5e-5, 0.01, 1.0, 128, 0.06
 
 
@@ -121,7 +124,7 @@ def child_peak(a: argparse.Namespace) -> dict:
     return out
 
 
-def child_hf(a: argparse.Namespace, tuned: bool, tune_allocator: bool = False) -> dict:
+def child_hf(a: argparse.Namespace, tuned: bool, tune_allocator: bool = False, bf16: bool = True) -> dict:
     import numpy as np
     import torch
     import transformers as hf
@@ -165,7 +168,8 @@ def child_hf(a: argparse.Namespace, tuned: bool, tune_allocator: bool = False) -
     # use_cpu on CPU: transformers refuses bf16 on a GPU-less box without it
     extra: dict = {"use_cpu": a.device == "cpu"}
     if tuned:
-        extra["bf16"] = True
+        if bf16:
+            extra["bf16"] = True
         if "train_sampling_strategy" in hf.TrainingArguments.__dataclass_fields__:
             extra["train_sampling_strategy"] = "group_by_length"
         else:
@@ -255,8 +259,8 @@ def run_child(name: str, a: argparse.Namespace, work: Path) -> dict:
 # ----------------------------------------------------------------------------- parent
 def report(a: argparse.Namespace, res: dict, peak: dict) -> dict:
     """Print the table, the ratios of every tuneforge run to every HF run present, and MFU; returns the summary."""
-    peers = {k: res[n] for k, n in (("default", "hf-default"), ("tuned", "hf-tuned"), ("tuned-alloc", "hf-tuned-alloc"))
-             if n in res}
+    peers = {k: res[n] for k, n in (("default", "hf-default"), ("tuned", "hf-tuned"), ("tuned-alloc", "hf-tuned-alloc"),
+                                    ("tuned-fp32", "hf-tuned-fp32")) if n in res}
     ours = [n for n in TUNEFORGE_EXTRA if n in res]
     print(f"\nSST-2 subset: {a.train_rows} train rows, {a.dev_rows} dev rows, {a.steps} optimizer steps, batch "
           f"{a.batch_size}, warmup {a.warmup}, {peak['threads']} torch threads")
@@ -276,7 +280,7 @@ def report(a: argparse.Namespace, res: dict, peak: dict) -> dict:
     for name in ours:
         tf = res[name]
         for k, h in peers.items():
-            target = {"default": 2.0, "tuned": 1.25, "tuned-alloc": 1.25}[k]
+            target = {"default": 2.0, "tuned": 1.25, "tuned-alloc": 1.25, "tuned-fp32": 1.25}[k]
             speed = tf["samples_per_s"] / h["samples_per_s"]
             step = tf["step_only_samples_per_s"] / h["step_only_samples_per_s"]
             acc, rss = 100 * (tf["dev_accuracy"] - h["dev_accuracy"]), tf["peak_rss_mib"] / h["peak_rss_mib"]
@@ -286,7 +290,7 @@ def report(a: argparse.Namespace, res: dict, peak: dict) -> dict:
                   f"step-only {step:.2f}x) | dev accuracy {acc:+.2f} points (target within 1: "
                   f"{'PASS' if abs(acc) <= 1 else 'FAIL'}) | peak RSS {tf['peak_rss_mib']:.0f} vs "
                   f"{h['peak_rss_mib']:.0f} MiB ({rss:.2f}x)")
-    for name in ("hf-default", "hf-tuned", "hf-tuned-alloc"):
+    for name in ("hf-default", "hf-tuned", "hf-tuned-alloc", "hf-tuned-fp32"):
         if name in res:
             r = res[name]
             print(f"{name}: {1000 * r['loop_s'] / r['steps']:.0f} ms/step loop, {1000 * r['steps_s'] / r['steps']:.0f} "
@@ -304,12 +308,16 @@ def report(a: argparse.Namespace, res: dict, peak: dict) -> dict:
         tok_s, mean_len = tf["tokens_per_s"], tf["tokens_per_s"] / tf["step_only_samples_per_s"]
         dense = 6 * peak["params_encoder"] * tok_s
         attn = 12 * peak["n_layers"] * mean_len * peak["hidden"] * tok_s
-        mfu, mfu_attn = dense / (peak["matmul_bf16_gflops"] * 1e9), (dense + attn) / (peak["matmul_bf16_gflops"] * 1e9)
+        # against the peak of the precision the run computed in (bf16 autocast or fp32)
+        prec = "bf16" if tf["precision"] == "bf16" else "fp32"
+        top = peak[f"matmul_{prec}_gflops"] * 1e9
+        mfu, mfu_attn = dense / top, (dense + attn) / top
         summary.update({f"{name}_mfu_dense": mfu, f"{name}_mfu_with_attention": mfu_attn,
-                        f"{name}_mean_tokens": mean_len})
+                        f"{name}_mean_tokens": mean_len, f"{name}_mfu_peak": prec})
         print(f"  {tok_s:.0f} real tokens/s (mean {mean_len:.1f} tokens/example), N_encoder = "
               f"{peak['params_encoder'] / 1e6:.2f}M of {peak['params_total'] / 1e6:.2f}M params; 6*N*tok/s = "
-              f"{dense / 1e9:.1f} GFLOP/s -> MFU {100 * mfu:.1f}% of bf16 peak ({100 * mfu_attn:.1f}% with attention)")
+              f"{dense / 1e9:.1f} GFLOP/s -> MFU {100 * mfu:.1f}% of the {prec} peak ({100 * mfu_attn:.1f}% with "
+              f"attention; precision {tf['precision']})")
     return summary
 
 
@@ -334,6 +342,7 @@ def main() -> None:
     if a.child:
         fn = {"peak": child_peak, "hf-default": lambda x: child_hf(x, False), "hf-tuned": lambda x: child_hf(x, True),
               "hf-tuned-alloc": lambda x: child_hf(x, True, tune_allocator=True),
+              "hf-tuned-fp32": lambda x: child_hf(x, True, bf16=False),
               **{k: (lambda x, e=e: child_tuneforge(x, e)) for k, e in TUNEFORGE_EXTRA.items()}}[a.child]
         out = fn(a)
         out["peak_rss_mib"], out["gpu_peak_mib"] = peak_rss_mib(), device_peak_mib(a.device)

@@ -17,7 +17,9 @@ Same work for every run, each in its own fresh subprocess:
 Runs: ``trl-default`` (SFTConfig defaults apart from the settings above, so gradient checkpointing on, its
 default), ``trl-no-gc`` (``gradient_checkpointing=False``, the fastest TRL setting here), ``trl-no-gc-alloc``
 (the same in a process given tuneforge's malloc settings, `engine.allocator`: what part of the ratio is the
-allocator) and ``tuneforge``.
+allocator), ``trl-no-gc-fp32`` (``trl-no-gc`` with ``bf16=False``: TRL's fastest setting on a CPU where bf16
+matmuls are slower than fp32 ones, AVX512-BF16 without AMX, where tuneforge's ``precision: auto`` takes fp32)
+and ``tuneforge``.
 
 * **tokens/s**: tokens in the packed training rows / wall time of the training loop (TRL: ``on_train_begin``
   to ``on_train_end``; tuneforge: ``Trainer.fit`` minus its end-of-training evaluation and checkpoint).
@@ -58,7 +60,7 @@ from _common import (
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
 RESULTS = ROOT / "benchmarks" / "results" / "sft.json"
-RUNS = ("trl-default", "trl-no-gc", "trl-no-gc-alloc", "tuneforge")
+RUNS = ("trl-default", "trl-no-gc", "trl-no-gc-alloc", "trl-no-gc-fp32", "tuneforge")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
 
 
@@ -108,7 +110,7 @@ def heldout_loss(model, tokenizer, a: argparse.Namespace) -> float:
     return evaluate_lm(runtime.move(model), rows, batch_size=8, runtime=runtime)["loss"]
 
 
-def child_trl(a: argparse.Namespace, gc: bool) -> dict:
+def child_trl(a: argparse.Namespace, gc: bool, bf16: bool = True) -> dict:
     import torch
     import transformers as hf
     from datasets import load_dataset
@@ -139,7 +141,7 @@ def child_trl(a: argparse.Namespace, gc: bool) -> dict:
     cfg = SFTConfig(output_dir=str(a.work / f"run-{a.one}"), per_device_train_batch_size=a.batch_size,
                     num_train_epochs=1, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0,
                     weight_decay=0.0, max_grad_norm=1.0, max_length=a.max_length, packing=True,
-                    gradient_checkpointing=gc, use_cpu=a.device == "cpu", seed=a.seed, report_to="none", save_strategy="no",
+                    gradient_checkpointing=gc, bf16=bf16, use_cpu=a.device == "cpu", seed=a.seed, report_to="none", save_strategy="no",
                     logging_steps=10**6, disable_tqdm=True, dataloader_num_workers=0)
     peft_cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                           target_modules="all-linear", task_type="CAUSAL_LM")
@@ -227,7 +229,8 @@ def main() -> None:
             from tuneforge.engine.allocator import tune_cpu_allocator
 
             tune_cpu_allocator()
-        res = child_tuneforge(a) if a.one == "tuneforge" else child_trl(a, gc=a.one == "trl-default")
+        res = (child_tuneforge(a) if a.one == "tuneforge"
+               else child_trl(a, gc=a.one == "trl-default", bf16=a.one != "trl-no-gc-fp32"))
         print("RESULT " + json.dumps(res | {"peak_rss_mib": peak_rss_mib(), "gpu_peak_mib": device_peak_mib(a.device)}))
         return
     if not DATA.is_file():
@@ -258,7 +261,7 @@ def main() -> None:
     if a.device == "cpu":
         warn_if_shared({name: results[name]["cpu_util"] for name in runs})
     if "tuneforge" in results:
-        for name in ("trl-default", "trl-no-gc", "trl-no-gc-alloc"):
+        for name in ("trl-default", "trl-no-gc", "trl-no-gc-alloc", "trl-no-gc-fp32"):
             if name in results:
                 ratio = results["tuneforge"]["tokens_per_s"] / results[name]["tokens_per_s"]
                 dl = results["tuneforge"]["heldout_loss"] - results[name]["heldout_loss"]

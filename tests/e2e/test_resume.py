@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from _common import CACHE, cli, cli_env, sentiment_rows, write_csv
 
+from tuneforge.engine.runtime import cpu_has_bf16
+
 pytestmark = pytest.mark.e2e
 
 
@@ -130,7 +132,8 @@ def workdir(tmp_path_factory) -> Path:
     return d
 
 
-@pytest.fixture(scope="module", params=["auto", "fp32"])
+@pytest.fixture(scope="module", params=[
+    pytest.param("bf16", marks=pytest.mark.skipif(not cpu_has_bf16(), reason="no native bf16 on this CPU")), "fp32"])
 def runs(request, workdir):
     """(resumed run dir, uninterrupted run dir, info) for one precision setting."""
     precision = request.param

@@ -111,8 +111,8 @@ def test_continual_clm_from_smollm2_reports_forgetting(tmp_path: Path) -> None:
     run = load_config(None, [
         "task=clm", "model=smollm2-135m", f"data.train={WIKI}", f"data.validation={tmp_path / 'domain_val.txt'}",
         "data.max_length=64", "data.max_train_samples=2", f"task.general_eval={general}", "train.batch_size=4",
-        "train.max_steps=6", "train.lr=2e-5", "train.warmup_steps=0", "train.eval_steps=6",
-        "train.tensorboard=false", f"output_dir={tmp_path / 'run'}",
+        "train.max_steps=3", "train.lr=2e-5", "train.warmup_steps=0", "train.eval_steps=3",
+        "train.tensorboard=false", "extensions=[{name: samples, enabled: false}]", f"output_dir={tmp_path / 'run'}",
     ])
     res = train(run, quiet=True)
     f = res.metrics["forgetting"]

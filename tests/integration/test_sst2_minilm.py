@@ -4,7 +4,8 @@ Sized to a few minutes on 2 CPU cores. Data comes from ``../shared/data/sst2`` (
 copied); the test skips when it or the bundled MiniLM weights are absent.
 
 Measured on the reference machine (2 cores, bf16 autocast), dev sample of 500 rows, majority 0.588:
-full fine-tuning 1 epoch 0.846; frozen backbone 2 epochs (lr 1e-2) 0.730; LLRD 0.8 1 epoch 0.834.
+full fine-tuning 1 epoch 0.846; frozen backbone 2 epochs (lr 1e-2) 0.730; LLRD 0.8 1 epoch 0.834 (on 1,000
+of the rows, as the test now runs it: 0.790 in fp32 on a CPU without AMX).
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ def test_frozen_backbone_two_epochs(workdir, record_property):
 
 
 def test_layer_lr_decay_runs(workdir, record_property):
-    m = train(workdir, "llrd", "train.epochs=1", "train.lr=1e-4", "train.layer_lr_decay=0.8")
+    # half the rows of the other runs: what is checked is that the decayed groups train, not the accuracy reached
+    m = train(workdir, "llrd", "train.epochs=1", "train.lr=1e-4", "train.layer_lr_decay=0.8", "data.max_train_samples=1000")
     val = m["splits"]["validation"]
     record_property("accuracy", val["accuracy"])
     cfg = (workdir / "llrd" / "config.yaml").read_text(encoding="utf-8")

@@ -39,13 +39,20 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients() -> None:
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_compiled_run_trains_and_saves_plain_weights(tmp_path: Path, tiny_csv) -> None:
-    data = tiny_csv()
-    run = load_config(None, ["model=tiny-bert", f"data.train={data}", "train.max_steps=6", "train.batch_size=8",
+def test_a_compiled_run_trains_and_saves_plain_weights(tmp_path: Path, tiny_csv, monkeypatch) -> None:
+    """The pipeline path: compiled blocks train and the run saves the model's own parameter names. Compiled
+    with the ``aot_eager`` backend (dynamo's graph capture and AOT autograd without inductor's code generation,
+    which took ~40 s here and whose numbers the test above checks)."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **k: compile_module(self, *a, **{**k, "backend": "aot_eager"}))
+    # rows of one token length, so one shape compiles (each new shape recompiles: ~10 s each here)
+    data = tiny_csv(rows=[("good movie", "positive"), ("bad movie", "negative")] * 12)
+    run = load_config(None, ["model=tiny-bert", f"data.train={data}", "train.max_steps=3", "train.batch_size=8",
                              "train.lr=1e-3", "train.compile=blocks", "train.tensorboard=false",
                              f"output_dir={tmp_path / 'run'}"])
     result = train(run, overwrite=True, quiet=True)
-    assert result.metrics["train"]["steps"] == 6
+    assert result.metrics["train"]["steps"] == 3
     from safetensors.torch import load_file
 
     names = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
