@@ -1,5 +1,5 @@
-"""LoRA layers in one autograd node on CPU under bf16 autocast (`methods.lora.fused`): outputs and every
-gradient against peft's own forward with the same dropout masks, where it applies and where it must not."""
+"""LoRA layers in one autograd node on CPU under bf16 autocast and in fp32 (`methods.lora.fused`): outputs and
+every gradient against peft's own forward with the same dropout masks, where it applies and where it must not."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def _pair(dropout: float, bias: bool = False, **lora):
 
 
 def _run(model, x, seed=7, autocast=True):
+    model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     xi = x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -50,25 +51,28 @@ def _run(model, x, seed=7, autocast=True):
     return y.detach().float(), xi.grad, grads
 
 
+@pytest.mark.parametrize("autocast", [True, False], ids=["bf16", "fp32"])
 @pytest.mark.parametrize(("dropout", "bias"), [(0.0, False), (0.1, False), (0.1, True)])
-def test_fused_lora_matches_peft_with_the_same_masks(dropout: float, bias: bool) -> None:
+def test_fused_lora_matches_peft_with_the_same_masks(dropout: float, bias: bool, autocast: bool) -> None:
     reference, fused = _pair(dropout, bias)
     assert use_fused_lora(fused) == 2
     assert all(isinstance(m, FusedLoraLinear) for m in (fused.base_model.model.up, fused.base_model.model.down))
     x = torch.randn(3, 11, 24)
-    y_ref, gx_ref, g_ref = _run(reference, x)
-    y, gx, g = _run(fused, x)
-    # bf16 rounding only: the same masks, the scaling applied to [T, r] instead of [T, out], one rounding of
+    y_ref, gx_ref, g_ref = _run(reference, x, autocast=autocast)
+    y, gx, g = _run(fused, x, autocast=autocast)
+    # bf16: rounding only: the same masks, the scaling applied to [T, r] instead of [T, out], one rounding of
     # base + LoRA instead of two (one bf16 ulp is 2^-8 of a value). Measured: <= 0.6% of the largest output,
-    # 0.85% for the input gradient, 0.6% for the LoRA weights' gradients
+    # 0.85% for the input gradient, 0.6% for the LoRA weights' gradients. fp32: the same ops in another order
+    # (fp32 rounding, ~1e-7 relative)
+    tol = 1.5e-2 if autocast else 1e-5
     scale = float(y_ref.abs().max())
-    torch.testing.assert_close(y, y_ref, rtol=0, atol=1.5e-2 * scale)
-    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=1.5e-2 * float(gx_ref.abs().max()))
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=tol * scale)
+    torch.testing.assert_close(gx, gx_ref, rtol=0, atol=tol * float(gx_ref.abs().max()))
     assert set(g) == set(g_ref) and all("lora_" in n for n in g)
     for n, ref in g_ref.items():
-        torch.testing.assert_close(g[n], ref, rtol=0, atol=1.5e-2 * float(ref.abs().max()), msg=n)
+        torch.testing.assert_close(g[n], ref, rtol=0, atol=tol * float(ref.abs().max()), msg=n)
     # the dropout really dropped: a different random stream changes the gradients by far more than rounding
-    _, _, g_other = _run(reference, x, seed=8)
+    _, _, g_other = _run(reference, x, seed=8, autocast=autocast)
     if dropout:
         assert any(float((g_other[n] - g_ref[n]).abs().max()) > 0.1 * float(g_ref[n].abs().max()) for n in g_ref)
 
@@ -87,14 +91,15 @@ def test_fused_lora_steps_aside_where_it_does_not_apply(monkeypatch) -> None:
     from tuneforge.methods.lora import fused as module
 
     monkeypatch.setattr(module._FusedLora, "apply", classmethod(spy))
-    for autocast in (False, True):  # fp32: peft's path, exactly
+    for autocast in (False, True):  # bf16 autocast and fp32 both fuse
         calls.clear()
-        y_ref, _, g_ref = _run(reference, x, autocast=autocast)
-        y, _, g = _run(fused, x, autocast=autocast)
-        assert len(calls) == (2 if autocast else 0)
-        if not autocast:
-            assert torch.equal(y, y_ref) and all(torch.equal(g[n], g_ref[n]) for n in g_ref)
-    calls.clear()
+        _run(fused, x, autocast=autocast)
+        assert len(calls) == 2
+    calls.clear()  # fp64 (neither): peft's path, exactly
+    y_ref, _, g_ref = _run(reference.double(), x.double(), autocast=False)
+    y, _, g = _run(fused.double(), x.double(), autocast=False)
+    assert calls == [] and torch.equal(y, y_ref) and all(torch.equal(g[n], g_ref[n]) for n in g_ref)
+    fused.float()
     with fused.disable_adapter():
         _run(fused, x)
     assert calls == []

@@ -18,8 +18,8 @@ training. fp16 has a narrower range, hence the gradient scaler.
 
 Why ``auto`` measures on a CPU instead of reading the flags: the bf16 instructions alone do not make bf16
 faster. On a Xeon with AMX a 2048^3 bf16 matmul ran at 2,419 GFLOP/s against 374 in fp32 (6.5x); on a Xeon
-exposing AVX512-BF16 but not AMX (a VM), 167 against 324 (0.5x: autocast there only adds casts and halves
-the matmuls). So `cpu_bf16_speedup` times one transformer-sized bf16 and fp32 matmul once per process (~30
+exposing AVX512-BF16 but not AMX, 167 against 324 (0.5x: autocast there only adds casts and halves
+the matmuls). So `cpu_bf16_speedup` times one transformer-sized bf16 and fp32 matmul once per process (~60
 ms), and ``auto`` takes bf16 only where it is at least `BF16_MIN_SPEEDUP` times faster; the margin keeps the
 choice away from the noise of a machine where the two are close. Under a launcher rank 0's choice is
 broadcast so every rank autocasts alike. ``train.precision=bf16`` / ``fp32`` skip the measurement.
@@ -69,7 +69,8 @@ def cpu_bf16_speedup() -> float:
     best = {}
     with torch.no_grad():
         for dtype in (torch.float32, torch.bfloat16):
-            x, w = torch.randn(256, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+            gen = torch.Generator().manual_seed(0)  # not the global generator: a run's random stream stays as seeded
+            x, w = (torch.randn(n, 1024, generator=gen).to(dtype) for n in (256, 1024))
             torch.nn.functional.linear(x, w)
             times = []
             for _ in range(5):

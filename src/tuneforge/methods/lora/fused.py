@@ -1,4 +1,4 @@
-"""LoRA linear layers in one autograd node under CPU bf16 autocast: fewer passes over the activations.
+"""LoRA linear layers in one autograd node on a CPU (bf16 autocast or fp32): fewer passes over the activations.
 
 Why: peft computes ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` as separate ops. Under autocast on a
 CPU, each LoRA layer then casts its input to fp32 and back to bf16, builds an fp32 dropout mask, multiplies
@@ -17,9 +17,14 @@ is written out (module `_FusedLora`); it needs the bf16 weight, the masked input
 `engine.fast_dropout`'s (the same random draws for the same shape, so the same stream as peft with
 ``train.fast_dropout``); numbers equal peft's up to bf16 rounding (`tests/unit/test_lora_fused.py`).
 
-When: CPU, bf16 autocast, one active vanilla LoRA adapter (no DoRA or other variant, no LoRA bias) on an
-``nn.Linear`` whose weights are frozen, dropout off or `FastDropout`. Anything else (GPU, fp32, merged,
-several adapters, ``train.fast_dropout: false``) runs peft's own forward unchanged.
+In fp32 (no autocast: ``precision: auto`` on a CPU where bf16 matmuls are not faster, `engine.runtime`) the
+same node runs with every cast a no-op: it still saves the [tokens, out] scaling and addition passes and
+their backward (SmolLM2-135M LoRA SFT in fp32, `benchmarks/README.md`); the numbers equal peft's to fp32
+rounding (the scalings are applied to ``z`` instead of the input and the output).
+
+When: CPU, bf16 autocast or fp32 inputs and weights, one active vanilla LoRA adapter (no DoRA or other
+variant, no LoRA bias) on an ``nn.Linear`` whose weights are frozen, dropout off or `FastDropout`. Anything
+else (GPU, fp16, merged, several adapters, ``train.fast_dropout: false``) runs peft's own forward unchanged.
 """
 
 from __future__ import annotations
@@ -100,12 +105,18 @@ class FusedLoraLinear:
     """Mixed into peft's ``lora.Linear`` by `use_fused_lora`: `_FusedLora` when it applies, else peft's forward."""
 
     def _fused_parts(self, x: torch.Tensor, args: tuple, kwargs: dict) -> tuple[Any, ...] | None:
-        if (args or kwargs or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
-                or self.disable_adapters or self.merged or len(self.active_adapters) != 1):
+        if (args or kwargs or x.device.type != "cpu" or self.disable_adapters or self.merged
+                or len(self.active_adapters) != 1):
             return None
         name = self.active_adapters[0]
         base = self.base_layer
         if name not in self.lora_A or name in self.lora_variant or type(base) is not nn.Linear:
+            return None
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+        elif x.dtype == base.weight.dtype == torch.float32:
+            dtype = torch.float32
+        else:
             return None
         if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
             return None
@@ -118,14 +129,16 @@ class FusedLoraLinear:
             p = float(dropout.p)
         else:
             return None
-        return base, lora_a.weight, lora_b.weight, float(self.scaling[name]), p
+        if lora_a.weight.dtype != base.weight.dtype or lora_b.weight.dtype != base.weight.dtype:
+            return None
+        return base, lora_a.weight, lora_b.weight, float(self.scaling[name]), p, dtype
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         parts = self._fused_parts(x, args, kwargs)
         if parts is None:
             return super().forward(x, *args, **kwargs)
-        base, a, b, scale, p = parts
-        return _FusedLora.apply(x, base.weight, base.bias, a, b, scale, p, torch.get_autocast_dtype("cpu"))
+        base, a, b, scale, p, dtype = parts
+        return _FusedLora.apply(x, base.weight, base.bias, a, b, scale, p, dtype)
 
 
 @functools.cache
