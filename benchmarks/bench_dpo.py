@@ -5,7 +5,7 @@ kept only where neither side needs truncation (the two tools truncate differentl
 tuneforge the prompt from the left and the reply from the right), so both score exactly the same tokens. Same
 model (bundled SmolLM2-135M-Instruct, its chat template), LoRA r 16 / alpha 32 / dropout 0.05 on every linear
 layer, sigmoid loss with beta 0.1, AdamW lr 5e-4 (weight decay 0.01, clip 1.0), constant schedule without warmup,
-batch size, steps, seed and precision (bf16 autocast where the CPU has it). The reference log-probs are
+batch size, steps, seed and precision (bf16 autocast where `precision: auto` finds it faster than fp32). The reference log-probs are
 precomputed once by both (TRL: ``precompute_ref_log_probs=True``; tuneforge: its default).
 
 Each run is a fresh subprocess that prints JSON: ``pairs_per_s`` = training pairs / wall time of the training

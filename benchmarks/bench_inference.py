@@ -8,7 +8,7 @@ Two parts, each run in a fresh subprocess (so peak RSS is each run's own):
   * ``tf-predict``:    what ``tuneforge predict`` runs (``inference.predict_texts``): the run is loaded first
                        (timed apart, as the pipeline's model is loaded before its clock starts), then the
                        clock covers tokenizing and length-sorted batches under ``no_grad`` and the run's
-                       precision (bf16 autocast where the CPU has it).
+                       precision (bf16 autocast where `precision: auto` finds it faster than fp32).
   * ``hf-pipeline``:   ``transformers.pipeline("text-classification")`` over the same folder at its defaults
                        (one text per forward), the model loaded before the clock starts.
   * ``hf-pipeline-b``: the same with ``batch_size`` equal to tuneforge's eval batch (64).

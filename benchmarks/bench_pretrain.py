@@ -21,7 +21,7 @@ Same work for every run (each a fresh subprocess):
 
 Runs: ``hf-default`` (Trainer defaults, fp32), ``hf-bf16`` (``bf16=True``), ``hf-bf16-alloc`` (the same
 in a process given tuneforge's malloc settings, `engine.allocator`: what part of the ratio is the allocator),
-``tuneforge`` (its defaults: bf16 autocast where the CPU has it, ``train.tune_allocator``) and
+``tuneforge`` (its defaults: bf16 autocast where `precision: auto` finds it faster than fp32, ``train.tune_allocator``) and
 ``tuneforge-compile`` (the same with ``train.compile=blocks``; its time includes the compile). Throughput =
 trained tokens / training-loop wall time (tuneforge: ``train_seconds``; HF: ``train_runtime``), evaluation
 excluded. CPU utilisation = process CPU time / (wall x torch threads) over ``Trainer.fit`` (tuneforge, its

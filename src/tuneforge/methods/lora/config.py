@@ -78,9 +78,9 @@ class LoraConfig(MethodConfig):
     )
     use_rslora: bool = Field(False, description="rank-stabilised scaling alpha/sqrt(r) (rsLoRA)")
     use_dora: bool = Field(False, description="weight-decomposed LoRA (DoRA): learned magnitude + LoRA direction")
-    fused: bool = Field(True, description="on a CPU under bf16 autocast, each LoRA linear layer runs as one autograd "
-                        "node (fewer passes over the activations, methods/lora/fused.py; the same numbers up to bf16 "
-                        "rounding; qlora's 4-bit layers always run peft's); false: peft's forward")
+    fused: bool = Field(True, description="on a CPU (bf16 autocast or fp32), each LoRA linear layer runs as one "
+                        "autograd node (fewer passes over the activations, methods/lora/fused.py; the same numbers up "
+                        "to rounding; qlora's 4-bit layers always run peft's); false: peft's forward")
     default_lr: ClassVar[float] = 2e-3
 
     qat: QatOptions | None = Field(
