@@ -104,3 +104,48 @@ def results_path(path: Path, device: str) -> Path:
 
 def fmt_mib(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
+
+
+@contextmanager
+def profiled(out_dir: str | None, name: str, device: str, active: int = 20, skip: int = 8) -> Iterator:
+    """With ``out_dir`` set (``--profile DIR``), profile ``active`` optimizer steps after ``skip`` warm-up steps
+    with torch.profiler (the body calls the yielded ``tick()`` once per optimizer step) and write
+    ``DIR/profile-<name>.txt``: aten ops, kernel launches and device kernels per step, then the op tables by self
+    host time and, on CUDA, by self device time. The profiler slows the run: read it for where time goes, not for
+    speed. Without ``out_dir`` ``tick`` does nothing."""
+    if not out_dir:
+        yield lambda: None
+        return
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    cuda = device.startswith("cuda")
+    acts = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    marks: list[float] = []
+
+    def tick() -> None:
+        if len(marks) in (skip, skip + active):
+            synchronize(device)
+            marks.append(time.perf_counter())
+        elif len(marks) < skip + active:
+            marks.append(0.0)
+        prof.step()
+
+    with profile(activities=acts, schedule=schedule(wait=skip - 2, warmup=2, active=active)) as prof:
+        yield tick
+    if len(marks) <= skip + active:
+        raise SystemExit(f"--profile needs more than {skip + active} optimizer steps (got {len(marks)})")
+    ms = 1000 * (marks[skip + active] - marks[skip]) / active
+    table = prof.key_averages()
+    launches = sum(e.count for e in table if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    ops = sum(e.count for e in table if e.key.startswith("aten::"))
+    lines = [f"# {name} on {device}: {active} optimizer steps profiled after {skip}, {ms:.1f} ms/step under the "
+             f"profiler; per step: {ops / active:.0f} aten ops, {launches / active:.0f} kernel launches, "
+             f"{kernels / active:.0f} device kernels/copies", "",
+             table.table(sort_by="self_cpu_time_total", row_limit=45)]
+    if cuda:
+        lines += ["", table.table(sort_by="self_device_time_total", row_limit=30)]
+    path = Path(out_dir) / f"profile-{name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -26,7 +26,7 @@ collation, forward, backward, clipping, optimizer and scheduler step, per-step b
 loading, tokenization, evaluation or checkpointing). See benchmarks/README.md for all definitions.
 
     python benchmarks/bench_classification.py [--train-rows 8000] [--dev-rows 872] [--steps N] [--batch-size 32]
-        [--runs hf-tuned,tuneforge,tuneforge-sparse] [--device auto|cpu|cuda]
+        [--runs hf-tuned,tuneforge,tuneforge-sparse] [--device auto|cpu|cuda] [--profile DIR]
 
 On CUDA (``--device auto`` picks it when present) every run trains on the GPU (the HF runs without
 ``use_cpu``), the matmul peak is measured there (8192^3), the clocks wait for the GPU
@@ -55,6 +55,7 @@ from _common import (
     gpu_name,
     peak_rss_mib,
     pick_device,
+    profiled,
     results_path,
     synchronize,
 )
@@ -183,7 +184,9 @@ def child_hf(a: argparse.Namespace, tuned: bool, tune_allocator: bool = False, b
     trainer = hf.Trainer(model=model, args=args, train_dataset=train_ds, processing_class=tok,
                          data_collator=hf.DataCollatorWithPadding(tok), callbacks=[clock])
     t0 = time.perf_counter()
-    trainer.train()
+    with profiled(a.profile, a.child, a.device) as tick:
+        trainer.add_callback(type("Tick", (hf.TrainerCallback,), {"on_step_end": lambda *_, **__: tick()}))
+        trainer.train()
     train_call = time.perf_counter() - t0
     pred = trainer.predict(dev_ds)
     acc = float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())
@@ -226,7 +229,10 @@ def child_tuneforge(a: argparse.Namespace, extra: list[str]) -> dict:
         f"train.seed={a.seed}", "train.tensorboard=false", f"train.device={a.device}", f"output_dir={a.workdir}",
         *extra,
     ])
-    m = train(cfg, overwrite=True, quiet=True).metrics
+    with profiled(a.profile, a.child, a.device) as tick:
+        step = Trainer._step
+        Trainer._step = lambda self, micro: (step(self, micro), tick())[0]
+        m = train(cfg, overwrite=True, quiet=True).metrics
     tr = m["train"]
     samples = round(tr["train_samples_per_s"] * tr["train_seconds"])
     loop = spent["fit"] - spent["eval_save"]
@@ -244,7 +250,8 @@ def run_child(name: str, a: argparse.Namespace, work: Path) -> dict:
     wd.mkdir()
     cmd = [sys.executable, __file__, "--child", name, "--train-file", str(work / "train.tsv"), "--dev-file",
            str(work / "dev.tsv"), "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch-size",
-           str(a.batch_size), "--seed", str(a.seed), "--workdir", str(wd), "--device", a.device]
+           str(a.batch_size), "--seed", str(a.seed), "--workdir", str(wd), "--device", a.device,
+           *(["--profile", str(a.profile)] if a.profile else [])]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error",
            "TUNEFORGE_CACHE": str(work / "cache")}
     t0 = time.perf_counter()
@@ -333,6 +340,8 @@ def main() -> None:
     for hidden in ("--train-file", "--dev-file", "--workdir"):
         p.add_argument(hidden, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--profile", metavar="DIR", help="run every training under torch.profiler and write "
+                   "DIR/profile-<run>.txt (ops and kernel launches per step; the timings are then not comparable)")
     add_device_arg(p)
     a = p.parse_args()
     a.runs = [r.strip() for r in a.runs.split(",") if r.strip()]

@@ -22,6 +22,7 @@ Same work for every run (each a fresh subprocess):
 Runs: ``hf-default`` (Trainer defaults, fp32), ``hf-bf16`` (``bf16=True``), ``hf-bf16-alloc`` (the same
 in a process given tuneforge's malloc settings, `engine.allocator`: what part of the ratio is the allocator),
 ``tuneforge`` (its defaults: bf16 autocast where `precision: auto` finds it faster than fp32, ``train.tune_allocator``) and
+``tuneforge-fp32`` (the same with ``train.precision=fp32``: no autocast, the run to compare with ``hf-default``) and
 ``tuneforge-compile`` (the same with ``train.compile=blocks``; its time includes the compile). Throughput =
 trained tokens / training-loop wall time (tuneforge: ``train_seconds``; HF: ``train_runtime``), evaluation
 excluded. CPU utilisation = process CPU time / (wall x torch threads) over ``Trainer.fit`` (tuneforge, its
@@ -62,8 +63,9 @@ from _common import (
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "text" / "tinyshakespeare.txt"
 RESULTS = ROOT / "benchmarks" / "results" / "pretrain.json"
-RUNS = ("hf-default", "hf-bf16", "hf-bf16-alloc", "tuneforge", "tuneforge-compile")
-TUNEFORGE_EXTRA = {"tuneforge": [], "tuneforge-compile": ["train.compile=blocks"]}  # regional torch.compile
+RUNS = ("hf-default", "hf-bf16", "hf-bf16-alloc", "tuneforge", "tuneforge-fp32", "tuneforge-compile")
+TUNEFORGE_EXTRA = {"tuneforge": [], "tuneforge-fp32": ["train.precision=fp32"],
+                   "tuneforge-compile": ["train.compile=blocks"]}  # regional torch.compile
 
 
 def _warmup(steps: int) -> int:
