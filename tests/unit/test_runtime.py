@@ -195,3 +195,19 @@ def test_checkpoint_from_cuda_resumes_on_cpu(tmp_path: Path, tiny_csv) -> None:
                          env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=600)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-2:] == ["12", "cpu"]
+
+
+def test_cuda_runtime_switches_off_cudnn_attention():
+    """A CUDA runtime turns SDPA's cuDNN backend off (a per-shape graph build; see `engine.runtime`); a CPU
+    runtime leaves the flag alone. Checked through `_tune_host`, which needs no GPU to set the flag."""
+    from tuneforge.engine.runtime import _tune_host
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        _tune_host(torch.device("cpu"), wanted=False)
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        _tune_host(torch.device("cuda", 0), wanted=False)
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)

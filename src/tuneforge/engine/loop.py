@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 
+import torch
 from tqdm.auto import tqdm
 
 from tuneforge.data.batching import num_batches
@@ -81,7 +82,10 @@ class SupervisedLoop(LoopBase):
             return self._step_distributed(micro)
         st, total, finite = self.state, 0.0, True
         for indices in micro:
-            batch = self.runtime.to_device(self.train_data.collate(indices))
+            batch = self.train_data.collate(indices)
+            mask = batch.get("attention_mask")
+            tokens = int(mask.sum()) if isinstance(mask, torch.Tensor) else None  # counted before the copy: no GPU sync
+            batch = self.runtime.to_device(batch)
             with self.runtime.autocast():
                 loss = self.compute_loss(batch)
             value = float(loss.detach())
@@ -91,8 +95,8 @@ class SupervisedLoop(LoopBase):
             self.stepper.backward(loss, len(micro))
             total += value
             st.samples_seen += len(indices)
-            if "attention_mask" in batch:
-                st.tokens_seen += int(batch["attention_mask"].sum())
+            if tokens is not None:
+                st.tokens_seen += tokens
         applied = self.stepper.step(st, finite)
         return total / len(micro) if applied else None
 

@@ -201,8 +201,9 @@ def wrap_prompt_learning(model: nn.Module, make_config: Any, ctx: MethodContext,
 def _probe(model: nn.Module, tt: str) -> None:
     was_training = model.training
     model.eval()
-    ids = torch.tensor([[1, 2, 3]])
-    extra = {"decoder_input_ids": torch.zeros((1, 1), dtype=torch.long)} if tt == "SEQ_2_SEQ_LM" else {}
+    device = next(model.parameters()).device  # the model may already sit on a GPU (a DPO policy, `wiring`)
+    ids = torch.tensor([[1, 2, 3]], device=device)
+    extra = {"decoder_input_ids": torch.zeros((1, 1), dtype=torch.long, device=device)} if tt == "SEQ_2_SEQ_LM" else {}
     with torch.no_grad():
         model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra)
     model.train(was_training)
