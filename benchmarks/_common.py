@@ -131,7 +131,7 @@ def profiled(out_dir: str | None, name: str, device: str, active: int = 20, skip
             marks.append(0.0)
         prof.step()
 
-    with profile(activities=acts, schedule=schedule(wait=skip - 2, warmup=2, active=active)) as prof:
+    with profile(activities=acts, schedule=schedule(wait=skip - 2, warmup=2, active=active, repeat=1)) as prof:
         yield tick
     if len(marks) <= skip + active:
         raise SystemExit(f"--profile needs more than {skip + active} optimizer steps (got {len(marks)})")
