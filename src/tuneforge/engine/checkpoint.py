@@ -63,6 +63,7 @@ class TrainerState:
     stopped_early: bool = False
     finished: bool = False
     eval_history: list[dict[str, Any]] = field(default_factory=list)
+    precision: str = ""  # what train.precision resolved to when written ("" in checkpoints from before it was kept)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

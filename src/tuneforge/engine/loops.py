@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from tuneforge.config.schema import TrainConfig
 from tuneforge.engine.checkpoint import (
@@ -165,7 +166,7 @@ class LoopBase:
                                    sparse_grads=ctx.cfg.sparse_embeddings or self.row_grads)
         self.tracker = EvalTracker(ctx.objective, ctx.eval_data, ctx.cfg, ctx.runtime, ctx.metric,
                                    ctx.greater_is_better, ctx.quiet, self.extensions)
-        self.state = TrainerState(total_steps=self.total_steps)
+        self.state = TrainerState(total_steps=self.total_steps, precision=ctx.runtime.precision)
 
     # ------------------------------------------------------------------ shared pieces
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -220,12 +221,31 @@ class LoopBase:
                 key="train.max_steps",
             )
         self.state, extra = load_checkpoint(ckpt, self.model, self.optimizer, self.scheduler, self.shards)
+        self._keep_precision(ckpt)
         self.stepper.load_state_dict(extra.get("stepper", {}))
         states = extra.get("extensions", {})
         for ext in self.extensions:
             if ext.name in states:
                 ext.load_state_dict(states[ext.name])
         return True
+
+    def _keep_precision(self, ckpt: Path) -> None:
+        """Resume in the precision the checkpoint was trained in. ``precision: auto`` resolves per machine (on a
+        CPU it measures, `engine.runtime`), so a run resumed elsewhere could switch between bf16 and fp32 and
+        stop being exact: under ``auto`` the checkpoint's bf16/fp32 is kept; an explicit setting wins, with a
+        warning. bf16 on a CPU without bf16 instructions is emulated (correct, slow)."""
+        saved, now = self.state.precision, self.runtime.precision
+        if saved and saved != now:
+            if self.cfg.precision == "auto" and {saved, now} <= {"bf16", "fp32"}:
+                self.runtime.precision = saved
+                msg = (f"resuming {ckpt.name} in {saved}, the precision it was trained in (train.precision=auto "
+                       f"picks {now} on this machine; set train.precision={now} to switch, losing exact resume)")
+            else:
+                msg = (f"warning: {ckpt.name} was trained in {saved}; continuing in {now} as train.precision="
+                       f"{self.cfg.precision} says: the resumed run will not match an uninterrupted one exactly")
+            if self.runtime.is_main and (msg.startswith("warning") or not self.quiet):
+                tqdm.write(msg)
+        self.state.precision = self.runtime.precision
 
     def best_checkpoint(self) -> Path | None:
         if self.state.best_step is None:
