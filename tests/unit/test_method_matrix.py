@@ -6,7 +6,7 @@ automatically. For each combination the real pipeline trains 5 steps on one fixe
 * the loss drops (first vs last logged step; seed pinned);
 * only the intended parameters change: whatever the method leaves frozen is bit-identical to the base, and
   (for methods listed in ``INTENDED``) the trainable set is exactly the method's;
-* save -> ``load_trained`` reproduces the trained model's logits exactly;
+* save -> ``load_trained`` reproduces the trained model's logits (to 1e-6: float rounding);
 * merge parity: merged and unmerged logits agree within 1e-4 where the method merges; otherwise the method
   says why (``merge_unsupported``) or saved a plain transformers folder (nothing to merge).
 
@@ -157,7 +157,7 @@ def test_method(method: str, model: str, data: tuple[Path, Path], tmp_path: Path
         intended = {n for n in cap.initial if INTENDED[method](n, cap.head)}
         assert trainable == intended, (sorted(trainable ^ intended)[:8])
 
-    # -- save -> load_trained reproduces the outputs exactly
+    # -- save -> load_trained reproduces the outputs
     from transformers import AutoModelForSequenceClassification
 
     obj = ClassificationObjective(load_config(out / "config.yaml"))
@@ -167,7 +167,9 @@ def test_method(method: str, model: str, data: tuple[Path, Path], tmp_path: Path
     batches = obj.prepare(val, built.tokenizer, load_config(out / "config.yaml"))
     trained = _logits(cap.model, obj, batches)
     loaded = _logits(built.model, obj, batches)
-    assert torch.equal(trained, loaded), float((trained - loaded).abs().max())
+    # to float rounding: the first-token last layer (`objectives.first_token`) runs [B, 1, H] matmuls, whose
+    # kernel choice (and so rounding) can differ between two copies of the same weights (~1e-9 seen)
+    torch.testing.assert_close(loaded, trained, atol=1e-6, rtol=0)
 
     # -- merge parity, or the documented reason there is none
     runtime = get_method(method).runtime()

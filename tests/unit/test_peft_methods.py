@@ -214,11 +214,13 @@ def test_trained_run_reloads_and_merges(variant: str, model: str, data: tuple[Pa
     built = obj.from_saved(out / "model")
     batches = obj.prepare(obj.read_split(val_csv), built.tokenizer, run_cfg)
     reference = _logits(trained, obj, batches)
-    assert torch.equal(_logits(built.model, obj, batches), reference)
+    # to float rounding, not bit for bit: the trained model runs the fused CPU LoRA layers (`methods.lora.fused`),
+    # the reloaded one peft's, and on the first-token last layer's [B, 1, H] inputs they round differently (4e-9)
+    torch.testing.assert_close(_logits(built.model, obj, batches), reference, atol=1e-6, rtol=0)
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model(model),
                                                               config=AutoConfig.from_pretrained(out / "model"))
     plain_peft = PeftModel.from_pretrained(base, out / "model")
-    assert torch.equal(_logits(plain_peft, obj, batches), reference)
+    torch.testing.assert_close(_logits(plain_peft, obj, batches), reference, atol=1e-6, rtol=0)
 
     # merge: plain transformers weights, same outputs within 1e-4, loadable without tuneforge
     fresh = load_trained(AutoModelForSequenceClassification, out / "model", dtype=torch.float32)

@@ -121,8 +121,9 @@ def test_gradients_reach_lora_through_the_rounding() -> None:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A short QAT-under-LoRA run on tiny-bert (int4 weights, group 32, all linear layers) memorising 24 rows
-    (measured: accuracy 0.33 -> 0.58; over train.seed 0-3 0.58-0.92 with tuneforge's dropout masks and
-    0.67-0.92 with torch's, train.fast_dropout=false)."""
+    (measured at lr 3e-3: accuracy 0.33 -> 0.67; over train.seed 0-3 0.63-0.96, and 0.67/0.79 for seeds 0/1
+    with train.first_token_last_layer=false. At lr 5e-3 seed 0 diverged back to chance after step 30 once the
+    last layer's dropout stream changed, while seeds 1-3 reached 0.71-1.0: too close to the edge for a test)."""
     from tuneforge.pipeline import train
 
     root = tmp_path_factory.mktemp("qat-lora")
@@ -130,7 +131,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = load_config(None, [
         "model=tiny-bert", "method=lora", "method.qat.weight_bits=4", "method.target_modules=all-linear",
         f"data.train={data}", f"data.validation={data}", "train.batch_size=12", "train.max_steps=60",
-        "train.eval_steps=60", "train.lr=5e-3", "train.schedule=constant", "train.warmup_steps=0",
+        "train.eval_steps=60", "train.lr=3e-3", "train.schedule=constant", "train.warmup_steps=0",
         "train.precision=fp32", "train.eval_on_start=true", "train.tensorboard=false", "train.seed=0",
         f"output_dir={root / 'run'}"])
     train(cfg, quiet=True)

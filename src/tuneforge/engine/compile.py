@@ -23,9 +23,11 @@ __all__ = ["apply_compile", "repeated_blocks"]
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks of ``model``: the members of every outermost ``nn.ModuleList`` whose members
-    all share one class (BERT ``encoder.layer``, Llama ``model.layers``, T5 ``encoder.block`` and ``decoder.block``)."""
+    all share one class name (BERT ``encoder.layer``, Llama ``model.layers``, T5 ``encoder.block`` and
+    ``decoder.block``; by name, so a block given another forward in place, as `objectives.first_token` does to
+    the last one, still counts)."""
     lists = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(b) for b in m}) == 1]
+             if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(b).__name__ for b in m}) == 1]
     outer = [(n, m) for n, m in lists if not any(n.startswith(o + ".") for o, _ in lists if o != n)]
     return [block for _, blocks in outer for block in blocks]
 

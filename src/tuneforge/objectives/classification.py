@@ -29,6 +29,7 @@ from tuneforge.errors import ConfigError, DataError
 from tuneforge.eval.classification import classification_metrics
 from tuneforge.objectives.base import Built, TaskData, eval_batches
 from tuneforge.objectives.configs.classification import ClassificationConfig
+from tuneforge.objectives.first_token import first_token_only, use_first_token_last_layer
 from tuneforge.track.atomic import atomic_write_json
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ class ClassificationObjective:
         self.run = run
         self.weights: torch.Tensor | None = None
         self.labels: list[str] = []
+        self._first_token = False  # the model's last layer computes position 0 only (`objectives.first_token`)
 
     # ----------------------------------------------------------------- data
     def _examples(self, path: Path, label_ids: dict[str, int] | None) -> tuple[Examples, list[str]]:
@@ -165,6 +167,7 @@ class ClassificationObjective:
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
             model.config.pad_token_id = tokenizer.pad_token_id
+        self._first_token = run.train.first_token_last_layer and use_first_token_last_layer(model)
         return Built(model, tokenizer, sorted(info.get("missing_keys", [])))
 
     def prepare(self, records: Examples, tokenizer: Any, run: RunConfig) -> TokenBatches:
@@ -178,7 +181,8 @@ class ClassificationObjective:
     # ----------------------------------------------------------------- training
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> Any:
         """The model's output (``.logits`` [B, C]) on a batch; labels are not passed (the loss is ours)."""
-        return model(**{k: v for k, v in batch.items() if k != "labels"})
+        with first_token_only(self._first_token):
+            return model(**{k: v for k, v in batch.items() if k != "labels"})
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = outputs.logits.float()
@@ -191,7 +195,8 @@ class ClassificationObjective:
         gold: torch.Tensor | None = None
         for indices, batch in eval_batches(model, data, batch_size, runtime):
             labels = batch.pop("labels", None)
-            logits = model(**batch).logits.float().cpu()
+            with first_token_only(self._first_token):
+                logits = model(**batch).logits.float().cpu()
             if out is None:
                 out = torch.empty((len(data), logits.shape[-1]))
                 gold = torch.empty(len(data), dtype=torch.long) if labels is not None else None
@@ -227,6 +232,7 @@ class ClassificationObjective:
 
         self.load_state(model_dir)
         model = load_trained(AutoModelForSequenceClassification, model_dir, dtype=torch.float32)
+        self._first_token = self.run.train.first_token_last_layer and use_first_token_last_layer(model)
         return Built(model.eval(), AutoTokenizer.from_pretrained(model_dir))
 
     def read_split(self, path: Path) -> Examples:
