@@ -237,7 +237,8 @@ class TrainConfig(StrictModel):
         "needs: its attention has no 1/sqrt(d) scaling, so AdamW's absolute steps blow its logits up; lr ~1e-2)")
     fast_dropout: bool = Field(
         True, description="on CPU, draw dropout masks from 16-bit integer randoms (3x cheaper than torch's "
-        "bernoulli_; same dropout, keep probability rounded to 2^-16, a different random stream); false: torch's")
+        "bernoulli_; same dropout, keep probability rounded to 2^-16, a different random stream), also for the "
+        "attention-probability dropout of sdpa attention; false: torch's")
     first_token_last_layer: bool = Field(
         True, description="task=classification on a BERT-family encoder (BERT, RoBERTa, XLM-R, ELECTRA, MiniLM): the "
         "last layer computes only the first token, the one the head reads (same logits and gradients; ~14% fewer "

@@ -10,9 +10,10 @@ It is the same dropout (Srivastava et al. 2014, inverted: kept values scaled by 
 keep probability rounded to a multiple of 2^-16 (0.9 -> 0.899994) and a different random stream: the same
 seed gives a different (equally random) mask than torch's. Draws come from torch's default generator, so
 ``train.seed`` and the checkpointed RNG state make runs reproducible and resumable as before. Only
-``nn.Dropout`` modules on CPU are swapped (the hidden-state dropout of every transformers model); dropout
-inside attention kernels and on CUDA (whose Philox kernel is already fast) stays torch's. Tests:
-``tests/unit/test_fast_dropout.py``.
+``nn.Dropout`` modules on CPU are swapped (the hidden-state dropout of every transformers model); the
+dropout on attention probabilities inside transformers' sdpa attention gets the same masks through
+`engine.fast_attention`; on CUDA (whose Philox kernel is already fast) dropout stays torch's. Tests:
+``tests/unit/test_fast_dropout.py``, ``tests/unit/test_fast_attention.py``.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from tuneforge.engine.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
+from tuneforge.engine.fast_attention import fast_attention_dropout
 from tuneforge.engine.optim import build_optimizer, build_scheduler
 from tuneforge.engine.runtime import Runtime
 from tuneforge.engine.stepping import Stepper
@@ -143,7 +144,9 @@ class LoopBase:
             from tuneforge.engine.sparse_rows import enable_sparse_embedding
 
             enable_sparse_embedding(self.model)
-        if ctx.cfg.fast_dropout and ctx.runtime.device.type == "cpu":
+        # CPU: cheaper dropout masks, in the dropout modules and (while a loss is computed) inside sdpa attention
+        self.fast_attention = bool(ctx.cfg.fast_dropout and ctx.runtime.device.type == "cpu")
+        if self.fast_attention:
             from tuneforge.engine.fast_dropout import use_fast_dropout
 
             use_fast_dropout(self.module)
@@ -183,12 +186,13 @@ class LoopBase:
         return loss, n_examples
 
     def _loss_and_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        outputs = self.objective.forward(self.module, batch)
-        loss = self.objective.loss(outputs, batch)
-        for ext in self.extensions:
-            term = ext.extra_loss(self.module, batch, outputs)
-            if term is not None:
-                loss = loss + term
+        with fast_attention_dropout(self.fast_attention):
+            outputs = self.objective.forward(self.module, batch)
+            loss = self.objective.loss(outputs, batch)
+            for ext in self.extensions:
+                term = ext.extra_loss(self.module, batch, outputs)
+                if term is not None:
+                    loss = loss + term
         return loss, outputs
 
     def evaluate(self, baseline: bool = False) -> bool:
