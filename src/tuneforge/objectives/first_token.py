@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,18 +38,24 @@ __all__ = ["first_token_only", "use_first_token_last_layer"]
 # Heads that read position 0 of the last hidden state and nothing else (pooler / ClassificationHead).
 _HEADS = {"BertForSequenceClassification", "RobertaForSequenceClassification", "XLMRobertaForSequenceClassification",
           "ElectraForSequenceClassification", "CamembertForSequenceClassification"}
-_ACTIVE = [False]
+
+
+class _Active(threading.local):
+    on = False  # per thread: a server may run other models' forwards on other threads
+
+
+_ACTIVE = _Active()
 
 
 @contextlib.contextmanager
 def first_token_only(enabled: bool = True) -> Iterator[None]:
     """While active, a patched last layer returns position 0 only (the classification objective's forwards)."""
-    before = _ACTIVE[0]
-    _ACTIVE[0] = enabled
+    before = _ACTIVE.on
+    _ACTIVE.on = enabled
     try:
         yield
     finally:
-        _ACTIVE[0] = before
+        _ACTIVE.on = before
 
 
 def _plain_model(model: nn.Module) -> nn.Module:
@@ -88,7 +95,7 @@ class FirstTokenLayer:
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 encoder_hidden_states: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if (not _ACTIVE[0] or args or encoder_hidden_states is not None or kwargs.get("past_key_values") is not None
+        if (not _ACTIVE.on or args or encoder_hidden_states is not None or kwargs.get("past_key_values") is not None
                 or kwargs.get("output_attentions")):
             return super().forward(hidden_states, attention_mask, encoder_hidden_states, *args, **kwargs)
         sa = self.attention.self
