@@ -49,7 +49,9 @@ def test_tuned_allocator_stops_refaulting_freed_buffers():
     `-alloc` runs (pretraining: +30% for either tool), not here."""
     default, tuned = _faults("default"), _faults("tuned")
     assert sum(default[1:8]) > 7_000, default  # after step 1: freed buffers came back from the kernel
-    assert sum(tuned[-15:]) == 0, tuned  # once grown, the heap keeps every buffer
+    # once grown, the heap keeps every buffer: re-faulting any of them costs ~4,000 pages (16 MB), while the
+    # interpreter's own odd new page (1 fault in one step was seen in CI) is noise
+    assert sum(tuned[-15:]) < 50, tuned
 
 
 def test_cpu_runtime_tunes_the_allocator_unless_told_not_to(monkeypatch):
