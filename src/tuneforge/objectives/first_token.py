@@ -16,8 +16,8 @@ attention, the same attention-probability dropout), then the layer's output bloc
 key/value cache or prefix (prefix tuning, P-tuning v2) or cross-attention, the layer runs its own forward.
 
 Numbers: the logits and every gradient equal the full layer's to float rounding (``tests/unit/test_first_token.py``,
-eval mode). In training, the hidden-state dropouts of the last layer draw masks for one position instead of
-all, so later draws of the random stream differ (the same dropout, like ``train.fast_dropout``).
+training mode with dropout off). With dropout, the last layer's hidden-state dropouts draw masks for one position
+instead of all, so later draws of the random stream differ (the same dropout, like ``train.fast_dropout``).
 ``train.first_token_last_layer: false`` turns it off.
 """
 
