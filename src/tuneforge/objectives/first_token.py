@@ -69,7 +69,8 @@ def _last_layer(model: nn.Module) -> nn.Module | None:
         return None
     last = layers[-1]
     att = getattr(last, "attention", None)
-    ok = (att is not None and all(hasattr(att.self, n) for n in ("query", "key", "value", "scaling", "config"))
+    ok = (att is not None and all(hasattr(att.self, n) for n in ("query", "key", "value", "dropout", "scaling",
+                                                                 "attention_head_size", "config"))
           and hasattr(att, "output") and hasattr(last, "feed_forward_chunk")
           and not getattr(last, "is_decoder", True) and not getattr(last, "add_cross_attention", True)
           and getattr(last, "chunk_size_feed_forward", 1) == 0)
