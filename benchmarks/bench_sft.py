@@ -27,7 +27,7 @@ and ``tuneforge``.
 * **held-out loss**: mean NLL per response token on the held-out examples, computed for every run by the
   same code (tuneforge's `evaluate_lm` on the same rows), plus the base model's before training.
 
-    python benchmarks/bench_sft.py [--train-examples 160] [--max-length 512] [--batch-size 4] [--device auto]
+    python benchmarks/bench_sft.py [--train-examples 160] [--max-length 512] [--batch-size 4] [--device auto] [--profile DIR]
 
 ``--device auto`` trains on CUDA when present (TRL without ``use_cpu``; tuneforge ``train.device=cuda``; the
 held-out loss computed there too); results then go to ``results/sft-cuda.json`` with each run's peak GPU memory.
@@ -52,6 +52,7 @@ from _common import (
     fmt_mib,
     peak_rss_mib,
     pick_device,
+    profiled,
     results_path,
     synchronize,
     warn_if_shared,
@@ -62,6 +63,7 @@ DATA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_en_demo.json"
 RESULTS = ROOT / "benchmarks" / "results" / "sft.json"
 RUNS = ("trl-default", "trl-no-gc", "trl-no-gc-alloc", "trl-no-gc-fp32", "tuneforge")
 LORA = {"r": 16, "alpha": 32, "dropout": 0.05}
+PROFILE_SKIP, PROFILE_STEPS = 3, 10  # --profile: 10 of the 17 optimizer steps at the defaults, after 3
 
 
 def write_data(work: Path, n_train: int) -> dict:
@@ -149,7 +151,10 @@ def child_trl(a: argparse.Namespace, gc: bool, bf16: bool = True) -> dict:
     trainer = SFTTrainer(model=model, args=cfg, train_dataset=train_ds, processing_class=tok, peft_config=peft_cfg,
                          callbacks=[clock])
     tokens = sum(len(x) for x in trainer.train_dataset["input_ids"])
-    trainer.train()
+    with profiled(a.profile, a.one, a.device, active=PROFILE_STEPS, skip=PROFILE_SKIP) as tick:
+        if a.profile:  # the headline runs carry no extra callback
+            trainer.add_callback(type("Tick", (hf.TrainerCallback,), {"on_step_end": lambda *_, **__: tick()}))
+        trainer.train()
     loop = clock.end - clock.begin
     trainer.model.eval()
     out |= {"tokens": tokens, "rows": len(trainer.train_dataset), "steps": trainer.state.global_step,
@@ -186,7 +191,11 @@ def child_tuneforge(a: argparse.Namespace) -> dict:
 
     Trainer.fit = timed(fit_counting, "fit")
     Trainer._maybe_eval_and_save = timed(Trainer._maybe_eval_and_save, "eval_save")
-    m = train(load_config(None, _overrides(a)), overwrite=True, quiet=True).metrics
+    with profiled(a.profile, a.one, a.device, active=PROFILE_STEPS, skip=PROFILE_SKIP) as tick:
+        if a.profile:  # the headline runs keep the loop's own _step
+            step = Trainer._step
+            Trainer._step = lambda self, micro: (step(self, micro), tick())[0]
+        m = train(load_config(None, _overrides(a)), overwrite=True, quiet=True).metrics
     loop = spent["fit"] - spent["eval_save"]
     tokens = sum(rows)
     return {"tokens": tokens, "rows": len(rows), "steps": m["train"]["steps"], "loop_s": loop,
@@ -198,7 +207,8 @@ def child_tuneforge(a: argparse.Namespace) -> dict:
 def run_child(name: str, a: argparse.Namespace, base_loss: bool) -> dict:
     cmd = [sys.executable, __file__, "--one", name, "--work", str(a.work), "--max-length", str(a.max_length),
            "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--train-examples", str(a.train_examples),
-           "--seed", str(a.seed), "--device", a.device, *(f"--tuneforge-override={o}" for o in a.tuneforge_override)]
+           "--seed", str(a.seed), "--device", a.device, *(f"--tuneforge-override={o}" for o in a.tuneforge_override),
+           *(["--profile", str(a.profile)] if a.profile else [])]
     if base_loss:
         cmd.append("--base-loss")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
@@ -218,6 +228,8 @@ def main() -> None:
     p.add_argument("--tuneforge-override", action="append", default=[], metavar="K=V",
                    help="extra tuneforge setting for experiments (repeatable), e.g. train.group_by_length=false")
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
+    p.add_argument("--profile", metavar="DIR", help="run every training under torch.profiler and write "
+                   "DIR/profile-<run>.txt (ops per step and op tables; the timings are then not comparable)")
     p.add_argument("--one", choices=RUNS, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--base-loss", action="store_true", help=argparse.SUPPRESS)
