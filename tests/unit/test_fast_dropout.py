@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tuneforge.engine.fast_dropout import FastDropout, fast_dropout, use_fast_dropout
+from tuneforge.engine.fast_dropout import FastDropout, drop_positions, fast_dropout, use_fast_dropout
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -84,3 +84,34 @@ def test_the_loop_swaps_only_when_asked(flag: bool, tmp_path, tiny_csv) -> None:
     finally:
         loops.LoopBase.__init__ = init
     assert (seen[0] == 0) if flag else (seen[0] > 0)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.15, 0.6])
+def test_drop_positions_is_an_independent_bernoulli_draw_per_element(p: float) -> None:
+    """`drop_positions` (geometric gaps) against the definition: each element dropped with probability p,
+    independently: the share, the gaps' distribution P(gap = k) = (1 - p)^(k-1) p, an even spread."""
+    n = 1_000_000
+    torch.manual_seed(0)
+    idx = drop_positions(n, p)
+    assert idx.dtype == torch.int64 and bool((idx.diff() > 0).all()) and int(idx[0]) >= 0 and int(idx[-1]) < n
+    # share: the standard error of n p draws is sqrt(p (1 - p) / n) <= 5e-4
+    assert abs(idx.numel() / n - p) < 2.5e-3
+    gaps = torch.diff(idx, prepend=torch.tensor([-1]))
+    for k in (1, 2, 3, 10):
+        expected = (1 - p) ** (k - 1) * p
+        seen = float((gaps == k).float().mean())
+        assert abs(seen - expected) < 5 * (expected * (1 - expected) / gaps.numel()) ** 0.5 + 1e-4, (k, seen, expected)
+    tenths = torch.bincount(idx * 10 // n, minlength=10).double() / (n / 10)
+    assert float((tenths - p).abs().max()) < 5 * (p * (1 - p) / (n / 10)) ** 0.5
+
+
+def test_drop_positions_seeded_and_independent_of_the_block_size() -> None:
+    torch.manual_seed(4)
+    first = drop_positions(50_000, 0.1)
+    torch.manual_seed(4)
+    assert torch.equal(drop_positions(50_000, 0.1, block=7), first)  # many blocks of 7 uniforms: the same stream
+    torch.manual_seed(5)
+    assert not torch.equal(drop_positions(50_000, 0.1), first)
+    assert drop_positions(0, 0.1).numel() == 0
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        drop_positions(10, 0.0)

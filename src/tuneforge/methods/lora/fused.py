@@ -13,9 +13,18 @@ the LoRA scaling,
     y = bf16(x) @ W^T [+ b]  +  (c s z) @ B^T      (the second term added inside the matmul)
 
 so ``c`` and ``s`` scale the [tokens, r] tensor instead of [tokens, in] and [tokens, out] ones. The backward
-is written out (module `_FusedLora`); it needs the bf16 weight, the masked input and the mask. The mask is
-`engine.fast_dropout`'s (the same random draws for the same shape, so the same stream as peft with
-``train.fast_dropout``); numbers equal peft's up to bf16 rounding (`tests/unit/test_lora_fused.py`).
+is written out (module `_FusedLora`).
+
+The dropout, two ways. Up to ``p = 0.15`` (`SPARSE_DROPOUT_MAX_P`; LoRA's usual 0.05 and 0.1) the dropped
+elements are drawn as indices (`engine.fast_dropout.drop_positions`: ~``n p`` draws instead of a mask over all
+``n``), the forward computes ``z = x @ A^T - D @ A^T`` with ``D`` the dropped elements of ``x`` as a sparse
+[tokens, in] matrix (a few % of the entries; the subtraction removes exactly what the dense product added, to
+float rounding), and the backward zeroes the input gradient and rebuilds the masked input at those indices:
+no mask is drawn over, multiplied into or saved for every element of the [tokens, in] input (SmolLM2-135M:
+0.5 s of a 7 s step, `benchmarks/README.md`). Above 0.15 the mask is `engine.fast_dropout`'s ``keep_mask``
+and the masked input is saved, as peft with ``train.fast_dropout`` draws it. Either way each element is
+dropped independently with probability ``p`` (Srivastava et al. 2014); numbers equal peft's with the same
+dropped elements up to bf16 rounding (`tests/unit/test_lora_fused.py`).
 
 In fp32 (no autocast: ``precision: auto`` on a CPU where bf16 matmuls are not faster, `engine.runtime`) the
 same node runs with every cast a no-op: it still saves the [tokens, out] scaling and addition passes and
@@ -31,15 +40,18 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 import weakref
 from typing import Any
 
 import torch
 from torch import nn
 
-from tuneforge.engine.fast_dropout import FastDropout, keep_mask
+from tuneforge.engine.fast_dropout import FastDropout, drop_positions, keep_mask
 
-__all__ = ["FusedLoraLinear", "use_fused_lora"]
+__all__ = ["SPARSE_DROPOUT_MAX_P", "FusedLoraLinear", "use_fused_lora"]
+
+SPARSE_DROPOUT_MAX_P = 0.15  # up to this dropout the dropped elements are handled by index (module doc)
 
 
 class _LastCast(threading.local):
@@ -66,6 +78,16 @@ class _LastCast(threading.local):
 _LAST_CAST = _LastCast()
 
 
+def _dropped(flat: torch.Tensor, drops: torch.Tensor) -> torch.Tensor:
+    """The dropped elements of ``flat`` [T, in] as an fp32 CSR matrix (``drops``: sorted flat indices)."""
+    t, n_in = flat.shape
+    crow = torch.searchsorted(drops, torch.arange(0, (t + 1) * n_in, n_in))
+    vals = flat.reshape(-1).index_select(0, drops).float()
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the product used here is long stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, drops % n_in, vals, (t, n_in))
+
+
 class _FusedLora(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, lora_a: torch.Tensor,
@@ -74,29 +96,44 @@ class _FusedLora(torch.autograd.Function):
             xb = _LAST_CAST.get(x, dtype)
             w, a, b = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype)
             flat = xb.reshape(-1, xb.shape[-1])
-            mask = keep_mask(flat, p) if p > 0 else None
-            xm = flat if mask is None else flat * mask
-            z = xm @ a.t()  # [T, r]
-            zs = (z.float() * (scale / (1.0 - p))).to(dtype)
+            mask = drops = None
+            if 0 < p <= SPARSE_DROPOUT_MAX_P:  # z = x A^T minus the dropped elements' share (see module doc)
+                drops = drop_positions(flat.numel(), p)
+                xin = flat
+                z = (xin @ a.t()).float()
+                if drops.numel():
+                    z.sub_(_dropped(flat, drops) @ a.float().t())
+            else:
+                mask = keep_mask(flat, p) if p > 0 else None
+                xin = flat if mask is None else flat * mask
+                z = (xin @ a.t()).float()  # [T, r]
+            zs = (z * (scale / (1.0 - p))).to(dtype)
             y = torch.mm(flat, w.t()) if bias is None else torch.addmm(bias.to(dtype), flat, w.t())
             y.addmm_(zs, b.t())
-        ctx.save_for_backward(w, a, b, xm, zs, mask)
+        ctx.save_for_backward(w, a, b, xin, zs, mask, drops)
         ctx.scale, ctx.p, ctx.x_dtype = scale, p, x.dtype
         return y.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        w, a, b, xm, zs, mask = ctx.saved_tensors
+        w, a, b, xin, zs, mask, drops = ctx.saved_tensors
         with torch.autocast("cpu", enabled=False):
             g = grad_y.reshape(-1, grad_y.shape[-1]).to(w.dtype)
             grad_b = (g.t() @ zs).float() if ctx.needs_input_grad[4] else None
             gz = ((g @ b).float() * (ctx.scale / (1.0 - ctx.p))).to(w.dtype)  # d loss / d z, [T, r]
-            grad_a = (gz.t() @ xm).float() if ctx.needs_input_grad[3] else None
+            grad_a = None
+            if ctx.needs_input_grad[3]:
+                if drops is not None:  # the masked input, rebuilt: a copy and a fill at the dropped indices
+                    xin = xin.clone()
+                    xin.view(-1).index_fill_(0, drops, 0.0)
+                grad_a = (gz.t() @ xin).float()
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = gz @ a
                 if mask is not None:
                     grad_x.mul_(mask)
+                elif drops is not None:
+                    grad_x.view(-1).index_fill_(0, drops, 0.0)
                 grad_x = grad_x.addmm_(g, w).view(*grad_y.shape[:-1], w.shape[1]).to(ctx.x_dtype)
         return grad_x, None, None, grad_a, grad_b, None, None, None
 
