@@ -14,7 +14,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from tuneforge.engine.fast_attention import fast_attention_dropout, sdpa_with_fast_dropout
+from tuneforge.engine.fast_attention import cpu_training_attention, sdpa_with_fast_dropout
 from tuneforge.engine.fast_dropout import keep_mask
 
 B, H, T, D, P = 3, 2, 7, 8, 0.25
@@ -97,11 +97,11 @@ def test_transformers_own_function_where_it_does_not_apply(case: str) -> None:
 
 def test_the_context_swaps_the_registry_entry_and_puts_it_back() -> None:
     original = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    with fast_attention_dropout():
+    with cpu_training_attention():
         assert ALL_ATTENTION_FUNCTIONS.get_interface("sdpa", None) is sdpa_with_fast_dropout
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original
-    with pytest.raises(RuntimeError), fast_attention_dropout():
+    with pytest.raises(RuntimeError), cpu_training_attention():
         raise RuntimeError("a failing forward")
     assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original
-    with fast_attention_dropout(False):
+    with cpu_training_attention(False):
         assert ALL_ATTENTION_FUNCTIONS["sdpa"] is original

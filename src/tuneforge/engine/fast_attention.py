@@ -6,9 +6,10 @@ Why: with dropout on the attention probabilities (BERT-family models train with 
 backward of one layer's attention took 4.3 ms that way and 2.5-2.7 ms written out here with a
 `fast_dropout.keep_mask` (2.2-2.4 ms without dropout at all): for a 6-layer model, several ms of a ~165 ms step.
 
-What: `fast_attention_dropout` puts `sdpa_with_fast_dropout` in place of transformers' ``"sdpa"`` attention
+What: `cpu_training_attention` puts `sdpa_with_fast_dropout` in place of transformers' ``"sdpa"`` attention
 function (``ALL_ATTENTION_FUNCTIONS``, the registry transformers documents for custom attention) while the
-training loop computes a loss, and puts the original back after. It computes the same attention (Vaswani et al.
+training loop computes a loss, and puts the original back after (with ``train.packed_attention``, packed rows
+go to `engine.packed_attention` first). It computes the same attention (Vaswani et al.
 2017): ``softmax(q k^T * scaling + mask)``, inverted dropout (Srivastava et al. 2014) on the probabilities with
 a 16-bit-draw mask, then ``@ v``. It takes over only in training, on CPU, with dropout > 0 and equal query and
 key/value heads and no extra bias or cache; everything else goes to transformers' own function unchanged.
@@ -26,8 +27,9 @@ import torch
 from torch import nn
 
 from tuneforge.engine.fast_dropout import fast_dropout
+from tuneforge.engine.packed_attention import sdpa_by_document
 
-__all__ = ["fast_attention_dropout", "sdpa_with_fast_dropout"]
+__all__ = ["cpu_training_attention", "sdpa_with_fast_dropout"]
 
 
 def _sdpa() -> Any:
@@ -65,17 +67,36 @@ def sdpa_with_fast_dropout(module: nn.Module, query: torch.Tensor, key: torch.Te
     return out.transpose(1, 2).contiguous(), None
 
 
+def _training_sdpa(fast_dropout: bool, by_document: bool) -> Any:
+    """The attention function installed while a loss is computed: per-document attention for packed rows
+    (`engine.packed_attention`) where it applies, else the written-out dropout, else transformers' own."""
+    if not by_document:
+        return sdpa_with_fast_dropout
+
+    def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        if by_document:
+            out = sdpa_by_document(module, query, key, value, attention_mask, **kwargs)
+            if out is not None:
+                return out, None
+        return (sdpa_with_fast_dropout if fast_dropout else _sdpa())(module, query, key, value, attention_mask,
+                                                                     **kwargs)
+
+    return attention
+
+
 @contextlib.contextmanager
-def fast_attention_dropout(enabled: bool = True) -> Iterator[None]:
-    """While active, transformers models configured with ``sdpa`` attention use `sdpa_with_fast_dropout`."""
-    if not enabled:
+def cpu_training_attention(fast_dropout: bool = True, by_document: bool = False) -> Iterator[None]:
+    """While active, transformers models configured with ``sdpa`` attention use `sdpa_with_fast_dropout`
+    (``fast_dropout``) and, for packed rows, `packed_attention.sdpa_by_document` (``by_document``)."""
+    if not (fast_dropout or by_document):
         yield
         return
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     local = ALL_ATTENTION_FUNCTIONS._local_mapping
     had, before = "sdpa" in local, local.get("sdpa")
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa_with_fast_dropout
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = _training_sdpa(fast_dropout, by_document)
     try:
         yield
     finally:

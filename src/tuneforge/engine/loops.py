@@ -29,7 +29,7 @@ from tuneforge.engine.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
-from tuneforge.engine.fast_attention import fast_attention_dropout
+from tuneforge.engine.fast_attention import cpu_training_attention
 from tuneforge.engine.optim import build_optimizer, build_scheduler
 from tuneforge.engine.runtime import Runtime
 from tuneforge.engine.stepping import Stepper
@@ -146,6 +146,7 @@ class LoopBase:
             enable_sparse_embedding(self.model)
         # CPU: cheaper dropout masks, in the dropout modules and (while a loss is computed) inside sdpa attention
         self.fast_attention = bool(ctx.cfg.fast_dropout and ctx.runtime.device.type == "cpu")
+        self.by_document = bool(ctx.cfg.packed_attention and ctx.runtime.device.type == "cpu")
         if self.fast_attention:
             from tuneforge.engine.fast_dropout import use_fast_dropout
 
@@ -186,7 +187,7 @@ class LoopBase:
         return loss, n_examples
 
     def _loss_and_outputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
-        with fast_attention_dropout(self.fast_attention):
+        with cpu_training_attention(self.fast_attention, self.by_document):
             outputs = self.objective.forward(self.module, batch)
             loss = self.objective.loss(outputs, batch)
             for ext in self.extensions:
