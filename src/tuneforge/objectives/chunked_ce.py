@@ -36,7 +36,10 @@ from torch import nn
 
 __all__ = ["FusedHeads", "chunk_rows", "fusable_head", "head_output_is_logits", "linear_nll", "per_token_nll_head"]
 
-_CHUNK_ELEMENTS = {"cpu": 2**22, "cuda": 2**25}  # logits per chunk: ~16 MB fp32 on a CPU (caches), more on a GPU
+# logits per chunk: on a CPU 32 MiB of fp32 (within glibc's largest mmap threshold, `engine.allocator`); smaller
+# chunks stream the [vocab, hidden] weight once more per chunk (SmolLM2, 1,000 rows: 2^22 551 ms, 2^23 515 ms,
+# 2^24 515 ms for the forward and backward); more on a GPU
+_CHUNK_ELEMENTS = {"cpu": 2**23, "cuda": 2**25}
 
 
 def chunk_rows(vocab: int, device: torch.device) -> int:
@@ -59,8 +62,9 @@ class _LinearNLL(torch.autograd.Function):
             grad = torch.empty(n, h.shape[1], dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
             step = max(1, min(n, chunk_rows(w.shape[0], device)))  # n = 0: a batch with nothing to score
             # two [chunk, V] buffers for the whole call: fresh ones per chunk cost page faults on a CPU
+            same = dtype == torch.float32  # fp32 logits: one buffer, the softmax in place, no copies
             logits_buf = torch.empty(step, w.shape[0], dtype=dtype, device=device)
-            probs_buf = torch.empty(step, w.shape[0], dtype=torch.float32, device=device)
+            probs_buf = logits_buf if same else torch.empty(step, w.shape[0], dtype=torch.float32, device=device)
             for s in range(0, n, step):
                 e = min(n, s + step)
                 logits, p = logits_buf[: e - s], probs_buf[: e - s]
@@ -72,12 +76,12 @@ class _LinearNLL(torch.autograd.Function):
                 tgt = targets[s:e]
                 picked = logits[rows, tgt].float()
                 top = logits.amax(dim=-1, keepdim=True).float()
-                total = p.copy_(logits).sub_(top).exp_().sum(dim=-1, keepdim=True)
+                total = (p if same else p.copy_(logits)).sub_(top).exp_().sum(dim=-1, keepdim=True)
                 nll[s:e] = (total.log() + top).squeeze(1) - picked
                 if grad is not None:
                     p.div_(total)
                     p[rows, tgt] -= 1.0  # d NLL / d logits = softmax - onehot
-                    torch.mm(logits.copy_(p), w, out=grad[s:e])
+                    torch.mm(p if same else logits.copy_(p), w, out=grad[s:e])
         ctx.save_for_backward(grad)
         ctx.hidden_dtype = hidden.dtype
         return nll
