@@ -45,6 +45,21 @@ def test_the_plan_is_the_documents_of_the_position_ids() -> None:
     assert document_plan(torch.arange(8)[None], whole[:1]) == [(8, False)]
 
 
+@pytest.fixture
+def hits(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Each call of `sdpa_by_document` by the installed attention function: True when it took the call."""
+    seen: list[bool] = []
+    real = packed_attention.sdpa_by_document
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(out is not None)
+        return out
+
+    monkeypatch.setattr("tuneforge.engine.fast_attention.sdpa_by_document", spy)
+    return seen
+
+
 def _packed_batch() -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     docs = [torch.randint(3, 900, (n,), generator=gen).tolist() for n in (7, 12, 5, 9, 3, 11, 2, 6)]
@@ -66,19 +81,10 @@ def _forward_backward(model, batch, *, by_document: bool, autocast: bool = False
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
-def test_by_document_equals_the_masked_call(autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_by_document_equals_the_masked_call(autocast: bool, hits: list[bool]) -> None:
     model = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama"), dtype=torch.float32,
                                                  attn_implementation="sdpa").train()  # grouped heads: 4 / 2
     batch = _packed_batch()
-    hits = []
-    real = packed_attention.sdpa_by_document
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        hits.append(out is not None)
-        return out
-
-    monkeypatch.setattr("tuneforge.engine.fast_attention.sdpa_by_document", spy)
     ref, g_ref = _forward_backward(model, batch, by_document=False, autocast=autocast)
     assert hits == []
     out, g = _forward_backward(model, batch, by_document=True, autocast=autocast)
@@ -124,16 +130,7 @@ def _sft_losses(tmp_path: Path, packed_attention_on: bool) -> list[float]:
             if r["split"] == "train" and r.get("loss") is not None]
 
 
-def test_a_packed_sft_run_learns_the_same_with_and_without(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    hits = []
-    real = packed_attention.sdpa_by_document
-
-    def spy(*args, **kwargs):
-        out = real(*args, **kwargs)
-        hits.append(out is not None)
-        return out
-
-    monkeypatch.setattr("tuneforge.engine.fast_attention.sdpa_by_document", spy)
+def test_a_packed_sft_run_learns_the_same_with_and_without(tmp_path: Path, hits: list[bool]) -> None:
     on = _sft_losses(tmp_path, True)
     assert hits.count(True) >= 6 * 2  # every training forward, both layers (one-off model checks may not)
     hits.clear()
