@@ -75,10 +75,9 @@ def _training_sdpa(fast_dropout: bool, by_document: bool) -> Any:
 
     def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-        if by_document:
-            out = sdpa_by_document(module, query, key, value, attention_mask, **kwargs)
-            if out is not None:
-                return out, None
+        out = sdpa_by_document(module, query, key, value, attention_mask, **kwargs)
+        if out is not None:
+            return out, None
         return (sdpa_with_fast_dropout if fast_dropout else _sdpa())(module, query, key, value, attention_mask,
                                                                      **kwargs)
 

@@ -61,8 +61,9 @@ class _LinearNLL(torch.autograd.Function):
             nll = torch.empty(n, dtype=torch.float32, device=device)
             grad = torch.empty(n, h.shape[1], dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
             step = max(1, min(n, chunk_rows(w.shape[0], device)))  # n = 0: a batch with nothing to score
-            # two [chunk, V] buffers for the whole call: fresh ones per chunk cost page faults on a CPU
-            same = dtype == torch.float32  # fp32 logits: one buffer, the softmax in place, no copies
+            # [chunk, V] buffers for the whole call (fresh ones per chunk cost page faults on a CPU): two, or
+            # one for fp32 logits, where the softmax runs in place with no copies
+            same = dtype == torch.float32
             logits_buf = torch.empty(step, w.shape[0], dtype=dtype, device=device)
             probs_buf = logits_buf if same else torch.empty(step, w.shape[0], dtype=torch.float32, device=device)
             for s in range(0, n, step):
