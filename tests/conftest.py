@@ -23,6 +23,11 @@ SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 os.environ.setdefault("TUNEFORGE_CACHE", str(REPO_ROOT / ".cache" / "tuneforge"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on two cores: the runs the tests start as subprocesses (the
+    # CLI, torchrun ranks) take one thread each too, or they spin against the other worker (an SST-2 CLI
+    # run: 27 s alone with 2 threads, 84 s with 2 threads beside the other worker, 33 s with 1).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

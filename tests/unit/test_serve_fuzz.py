@@ -4,6 +4,7 @@ list of malformed bodies and headers, after which the server still answers."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -43,9 +44,7 @@ def _check(status: int, body: Any) -> None:
         assert isinstance(body, dict) and set(body["error"]) >= {"message", "type", "param", "code"}, body
 
 
-@schema.parametrize()
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
-def test_schema_fuzz_never_5xx(case: Any) -> None:
+def _fuzz_one(case: Any) -> None:
     if isinstance(case.body, dict) and isinstance(case.body.get("model"), str) and len(case.body) % 2:
         # about half the bodies name a served model, so generation and embedding run on fuzzed fields
         case.body["model"] = "tiny-bert" if case.path in ("/v1/classify", "/v1/tag", "/v1/answer") else "tiny-llama"
@@ -58,6 +57,25 @@ def test_schema_fuzz_never_5xx(case: Any) -> None:
     except ValueError:  # streams (text/event-stream) and /metrics (text) are not JSON
         body = None
     _check(response.status_code, body)
+
+
+def _fuzz_test(method: str, path: str) -> Any:
+    @schema.include(method=method, path=path).parametrize()
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+              database=None)
+    def test(case: Any) -> None:
+        _fuzz_one(case)
+
+    return test
+
+
+# One test function per operation, named after it: `schema.parametrize()` over the whole schema gives every
+# operation the same test id, and pytest-xdist (`make test` runs two workers) schedules by id, so it ran one
+# of them. Each test runs schemathesis' phases (examples, coverage, fuzzing with valid and invalid data).
+for _op in schema.get_all_operations():
+    _method, _path = _op.ok().method.upper(), _op.ok().path
+    _name = "test_schema_fuzz_never_5xx_" + "_".join(filter(None, re.split(r"[^a-z0-9]+", f"{_method} {_path}".lower())))
+    globals()[_name] = _fuzz_test(_method, _path)
 
 
 MALFORMED: list[tuple[str, str, bytes, dict[str, str]]] = [
