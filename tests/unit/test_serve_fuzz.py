@@ -75,6 +75,7 @@ def _fuzz_test(method: str, path: str) -> Any:
 for _op in schema.get_all_operations():
     _method, _path = _op.ok().method.upper(), _op.ok().path
     _name = "test_schema_fuzz_never_5xx_" + "_".join(filter(None, re.split(r"[^a-z0-9]+", f"{_method} {_path}".lower())))
+    assert _name not in globals(), f"two operations map to the test name {_name}"
     globals()[_name] = _fuzz_test(_method, _path)
 
 
