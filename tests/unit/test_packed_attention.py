@@ -115,16 +115,16 @@ def test_cases_left_to_transformers() -> None:
     assert packed_attention.sdpa_by_document(attn, q, longer, longer, mask, position_ids=pos) is None
 
 
-def _sft_losses(tmp_path: Path, packed_attention_on: bool) -> list[float]:
+def _sft_losses(tmp_path: Path, packed_attention_on: bool, *extra: str) -> list[float]:
     rows = [{"instruction": f"repeat {w} {i}", "input": "", "output": f"{w} " * (2 + i % 7)}
             for i, w in enumerate("abcdefghij" * 4)]
     path = tmp_path / "chat.json"
     path.write_text(json.dumps(rows), encoding="utf-8")
-    out = tmp_path / f"run-{packed_attention_on}"
+    out = tmp_path / f"run-{packed_attention_on}-{len(extra)}"
     run = load_config(None, ["model=tiny-llama", "task=sft", "task.packing=documents", f"data.train={path}",
                              "data.max_length=96", "method.name=lora", "train.max_steps=6", "train.batch_size=4",
                              "train.lr=5e-3", "train.tensorboard=false", "train.seed=3", "train.log_steps=1",
-                             f"train.packed_attention={str(packed_attention_on).lower()}", f"output_dir={out}"])
+                             f"train.packed_attention={str(packed_attention_on).lower()}", f"output_dir={out}", *extra])
     train(run, quiet=True)
     return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
             if r["split"] == "train" and r.get("loss") is not None]
@@ -139,3 +139,17 @@ def test_a_packed_sft_run_learns_the_same_with_and_without(tmp_path: Path, hits:
     assert len(on) == len(off) == 6
     assert on == pytest.approx(off, abs=1e-4)  # the same random stream: only float rounding differs
     assert on[-1] < on[0]
+
+
+def test_a_compiled_packed_run_keeps_attention_per_document(tmp_path: Path, hits: list[bool],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.compile=blocks`` with packed rows: the per-document attention runs eagerly between the compiled
+    parts (traced, its plan cache failed dynamo's guards), and the loss curve is the eager run's. Compiled with
+    ``aot_eager`` (graph capture and AOT autograd without inductor's code generation), as in test_compile.py."""
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile",
+                        lambda self, *a, **k: compile_module(self, *a, **{**k, "backend": "aot_eager"}))
+    compiled = _sft_losses(tmp_path, True, "train.compile=blocks")
+    assert hits.count(True) >= 6 * 2
+    eager = _sft_losses(tmp_path, True)
+    assert compiled == pytest.approx(eager, abs=1e-4)

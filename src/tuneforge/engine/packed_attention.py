@@ -17,6 +17,8 @@ not step by one, which is how transformers builds the mask; the mask it passes i
 per-document causal mask those segments give, and anything else (padding masks, sliding windows, a mask that
 differs) goes to transformers' function, as do dropout on the probabilities, caches, soft-capping and
 attention biases. Outputs equal the masked call's to float rounding (``tests/unit/test_packed_attention.py``).
+Under ``train.compile`` the function runs eagerly between the compiled parts of each block (a plan is a
+Python list that differs from batch to batch: traced, it would recompile every step).
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def _cached_plan(position_ids: torch.Tensor, mask: torch.Tensor | None) -> list[
     return plan
 
 
+@torch.compiler.disable  # eager under `train.compile`: the plan cache and the per-document loop are Python
 def sdpa_by_document(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs: Any) -> torch.Tensor | None:
