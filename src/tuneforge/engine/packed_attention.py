@@ -17,8 +17,8 @@ not step by one, which is how transformers builds the mask; the mask it passes i
 per-document causal mask those segments give, and anything else (padding masks, sliding windows, a mask that
 differs) goes to transformers' function, as do dropout on the probabilities, caches, soft-capping and
 attention biases. Outputs equal the masked call's to float rounding (``tests/unit/test_packed_attention.py``).
-Under ``train.compile`` the function runs eagerly between the compiled parts of each block (a plan is a
-Python list that differs from batch to batch: traced, it would recompile every step).
+Under ``train.compile`` the function runs eagerly between the compiled parts of each block: traced, the plan
+cache failed dynamo's own guard, and a plan (a Python list that differs from batch to batch) would recompile.
 """
 
 from __future__ import annotations
