@@ -100,14 +100,12 @@ class _FusedLora(torch.autograd.Function):
             mask = drops = None
             if 0 < p <= SPARSE_DROPOUT_MAX_P:  # z = x A^T minus the dropped elements' share (see module doc)
                 drops = drop_positions(flat.numel(), p)
-                xin = flat
-                z = (xin @ a.t()).float()
-                if drops.numel():
-                    z.sub_(_dropped(flat, drops) @ a.float().t())
-            else:
-                mask = keep_mask(flat, p) if p > 0 else None
-                xin = flat if mask is None else flat * mask
-                z = (xin @ a.t()).float()  # [T, r]
+            elif p > 0:
+                mask = keep_mask(flat, p)
+            xin = flat if mask is None else flat * mask
+            z = (xin @ a.t()).float()  # [T, r]
+            if drops is not None and drops.numel():
+                z.sub_(_dropped(flat, drops) @ a.float().t())
             zs = (z * (scale / (1.0 - p))).to(dtype)
             y = torch.mm(flat, w.t()) if bias is None else torch.addmm(bias.to(dtype), flat, w.t())
             y.addmm_(zs, b.t())
